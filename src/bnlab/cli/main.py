@@ -1,0 +1,48 @@
+"""``bnlab`` entry point: builds the parser from the subcommand modules and dispatches."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import bnlab
+from bnlab.cli import demo
+
+# Each module exposes add_parser(subparsers) and run(args) -> int.
+SUBCOMMANDS = [demo]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``bnlab: error: <reason> (see 'bnlab --help')``, exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="bnlab",
+        description="Batch normalization, measured: layers, experiments and a live visualizer.",
+    )
+    parser.add_argument("--version", action="version", version=f"bnlab {bnlab.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for module in SUBCOMMANDS:
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("\nbnlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

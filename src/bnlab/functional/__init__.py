@@ -1,0 +1,25 @@
+"""bnlab.functional: the one computational core of every bnlab normalization layer.
+
+* :mod:`~bnlab.functional.core`: ``compute_stats``, ``normalize`` and
+  ``update_running_stats``, the building blocks in plain torch ops.
+* :mod:`~bnlab.functional.kernels`: the per-layout kernel registry (torch's
+  native kernel, the composite one, and any faster kernel registered later).
+* :mod:`~bnlab.functional.norms`: ``batch_norm``, the policy (validation,
+  statistics, guards) in front of the kernels.
+"""
+
+from bnlab.functional.core import compute_stats, normalize, stats_dtype, update_running_stats
+from bnlab.functional.kernels import Kernel, kernel_names, memory_layout, register_kernel
+from bnlab.functional.norms import batch_norm
+
+__all__ = [
+    "batch_norm",
+    "compute_stats",
+    "normalize",
+    "update_running_stats",
+    "stats_dtype",
+    "Kernel",
+    "register_kernel",
+    "kernel_names",
+    "memory_layout",
+]

@@ -1,0 +1,116 @@
+"""The three building blocks every bnlab normalization layer is made of.
+
+Each normalization (batch, layer, group, instance, renorm, ghost, sync) is the
+same computation with different reduction axes:
+
+1. :func:`compute_stats`: mean and variance over the reduction axes,
+2. :func:`normalize`: ``y = (x - mean) / sqrt(var + eps) * weight + bias``,
+3. :func:`update_running_stats`: fold batch statistics into moving averages
+   (only the batch-statistics layers use it).
+
+They are written with plain differentiable torch ops, so autograd gives the
+exact backward pass of the composition. The fast paths in
+:mod:`bnlab.functional.kernels` are checked against these functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["compute_stats", "normalize", "update_running_stats", "stats_dtype"]
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are reduced and kept in for inputs of ``dtype``.
+
+    Half-precision sums over tens of thousands of values lose most of their
+    mantissa (and fp16 overflows past 65504), so reductions run in float32 at
+    least. float64 stays float64.
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def compute_stats(
+    x: Tensor, reduce_dims: Sequence[int], *, correction: int = 0, keepdim: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Mean and variance of ``x`` over ``reduce_dims``, in float32 or wider.
+
+    Args:
+        x: input of any floating dtype.
+        reduce_dims: the axes that are averaged away (``(0, 2, 3)`` for
+            BatchNorm2d on NCHW, ``(1, 2, 3)`` for LayerNorm over C, H, W).
+        correction: ``0`` gives the biased (population) variance
+            ``sum((x - mean)^2) / n`` used for normalization; ``1`` gives the
+            Bessel-corrected ``/ (n - 1)``.
+        keepdim: keep the reduced axes with size 1 so the results broadcast
+            against ``x``.
+
+    Returns:
+        ``(mean, var)`` in :func:`stats_dtype` of ``x``.
+
+    ``torch.var_mean`` is used rather than ``E[x^2] - E[x]^2``: the latter
+    cancels catastrophically when ``|mean| >> std`` and can even go negative.
+    """
+    acc = x.to(stats_dtype(x.dtype))
+    var, mean = torch.var_mean(acc, dim=tuple(reduce_dims), correction=correction, keepdim=keepdim)
+    return mean, var
+
+
+def normalize(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias``, returned in ``x.dtype``.
+
+    ``mean``, ``var``, ``weight`` and ``bias`` must broadcast against ``x``
+    (e.g. shape ``(1, C, 1, 1)`` for per-channel statistics on NCHW).
+
+    The affine part is folded into one scale and one shift per statistic,
+    ``y = x * scale + shift`` with ``scale = weight / sqrt(var + eps)`` and
+    ``shift = bias - mean * scale``: one multiply-add per element, and the same
+    rounding order as torch's native CPU kernel, so results agree to the last
+    float32 bits more often than the textbook order would.
+    """
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    y = x.to(scale.dtype) * scale + shift
+    return y.to(x.dtype)
+
+
+@torch.no_grad()
+def update_running_stats(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    batch_mean: Tensor,
+    batch_var: Tensor,
+    count: int,
+    *,
+    momentum: float,
+    correction: int = 1,
+) -> None:
+    """Fold one batch into the moving averages, in place.
+
+    ``running = (1 - momentum) * running + momentum * batch`` (the PyTorch
+    direction: ``momentum`` is the weight of the *new* batch).
+
+    ``batch_var`` is the biased variance over ``count`` values per channel; it
+    is stored as ``batch_var * count / (count - correction)``. PyTorch keeps
+    the unbiased estimate (``correction=1``), Keras, Flax and ONNX the biased
+    one (``correction=0``).
+    """
+    if running_mean is not None:
+        running_mean.mul_(1.0 - momentum).add_(batch_mean.to(running_mean.dtype), alpha=momentum)
+    if running_var is not None:
+        bessel = count / (count - correction)
+        running_var.mul_(1.0 - momentum).add_(batch_var.to(running_var.dtype), alpha=momentum * bessel)

@@ -1,0 +1,151 @@
+"""Batch-norm kernels and the per-layout registry :func:`~bnlab.functional.batch_norm` dispatches to.
+
+A *kernel* does the arithmetic of one batch-norm call; policy (validation,
+which statistics, the non-finite guard) stays in :mod:`bnlab.functional.norms`.
+Built in, tried in this order:
+
+* ``"native"``: torch's ATen kernel (``torch.batch_norm``). It computes every
+  semantics bnlab's BatchNorm needs today, so it serves every layout.
+* ``"composite"``: :func:`~bnlab.functional.core.compute_stats`,
+  :func:`~bnlab.functional.core.update_running_stats` and
+  :func:`~bnlab.functional.core.normalize` in plain torch ops. It accepts
+  every input and is the oracle the fast kernels are tested against.
+
+A faster kernel for one layout (say a compiled NCHW float32 kernel) is added
+with :func:`register_kernel`; it is tried first for the layouts it names, and
+the built-in kernels still serve everything it declines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from bnlab.functional.core import compute_stats, normalize, update_running_stats
+
+__all__ = ["Kernel", "register_kernel", "kernel_names", "select_kernel", "memory_layout", "LAYOUTS"]
+
+LAYOUTS = frozenset({"contiguous", "channels_last", "strided"})
+
+# fn(input, running_mean, running_var, weight, bias, training, momentum, eps, correction) -> output
+KernelFn = Callable[
+    [Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None, bool, float, float, int], Tensor
+]
+
+
+def _always(x: Tensor, correction: int) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A batch-norm implementation that :func:`batch_norm` may dispatch to.
+
+    Attributes:
+        name: how users and benchmarks select it (``batch_norm(..., kernel=name)``).
+        fn: ``fn(input, running_mean, running_var, weight, bias, training,
+            momentum, eps, correction) -> output``. ``momentum`` is already the
+            weight of the new batch; the running buffers are updated in place
+            when ``training`` and they are not None, storing the variance with
+            Bessel ``correction`` (1 unbiased, 0 biased).
+        layouts: the :func:`memory_layout` values it handles.
+        accepts: a cheap per-call veto, ``accepts(input, correction) -> bool``
+            (e.g. a float32-only kernel).
+    """
+
+    name: str
+    fn: KernelFn
+    layouts: frozenset[str] = LAYOUTS
+    accepts: Callable[[Tensor, int], bool] = field(default=_always)
+
+
+def memory_layout(x: Tensor) -> str:
+    """``"contiguous"`` (NCHW order), ``"channels_last"`` (NHWC/NDHWC strides) or ``"strided"``."""
+    if x.is_contiguous():
+        return "contiguous"
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return "channels_last"
+    return "strided"
+
+
+def _native_kernel(x, running_mean, running_var, weight, bias, training, momentum, eps, correction):
+    if training and running_var is not None and correction != 1 and x.numel() > 0:
+        # ATen always stores var * n/(n-1). Any other correction c is reached
+        # exactly by scaling the buffer by s = (n-1)/(n-c) around the native
+        # update: s * ((1-m) * rv/s + m * var*n/(n-1)) = (1-m) * rv + m * var*n/(n-c).
+        # That costs two C-sized ops instead of a second pass over the input.
+        n = x.numel() // x.size(1)
+        s = (n - 1) / (n - correction)
+        scaled = running_var / s
+        y = torch.batch_norm(x, weight, bias, running_mean, scaled, True, momentum, eps, False)
+        with torch.no_grad():
+            running_var.copy_(scaled * s)  # not in place: autograd saved `scaled`
+        return y
+    return torch.batch_norm(
+        x, weight, bias, running_mean, running_var, training, momentum, eps, torch.backends.cudnn.enabled
+    )
+
+
+def _channel_view(t: Tensor | None, ndim: int) -> Tensor | None:
+    return None if t is None else t.view((1, -1) + (1,) * (ndim - 2))
+
+
+def _composite_kernel(x, running_mean, running_var, weight, bias, training, momentum, eps, correction):
+    if training:
+        reduce_dims = [0, *range(2, x.dim())]
+        mean, var = compute_stats(x, reduce_dims)
+        if x.numel() > 0:
+            count = x.numel() // x.size(1)
+            update_running_stats(
+                running_mean, running_var, mean.detach(), var.detach(), count,
+                momentum=momentum, correction=correction,
+            )
+    else:
+        mean, var = running_mean, running_var
+    return normalize(
+        x,
+        _channel_view(mean, x.dim()),
+        _channel_view(var, x.dim()),
+        _channel_view(weight, x.dim()),
+        _channel_view(bias, x.dim()),
+        eps,
+    )
+
+
+# Tried first to last; register_kernel puts new kernels in front.
+_KERNELS: list[Kernel] = [Kernel("native", _native_kernel), Kernel("composite", _composite_kernel)]
+
+
+def register_kernel(kernel: Kernel) -> None:
+    """Make ``kernel`` the first choice for the layouts it names.
+
+    Re-registering a name replaces the previous kernel of that name.
+    """
+    unknown = set(kernel.layouts) - LAYOUTS
+    if unknown:
+        raise ValueError(f"unknown layouts {sorted(unknown)}; expected a subset of {sorted(LAYOUTS)}")
+    _KERNELS[:] = [kernel] + [k for k in _KERNELS if k.name != kernel.name]
+
+
+def kernel_names() -> list[str]:
+    """Names of the registered kernels, in the order they are tried."""
+    return [k.name for k in _KERNELS]
+
+
+def select_kernel(x: Tensor, correction: int, name: str | None = None) -> Kernel:
+    """The kernel named ``name``, or else the first registered one that takes ``x``."""
+    if name is not None:
+        for k in _KERNELS:
+            if k.name == name:
+                return k
+        raise ValueError(f"unknown batch-norm kernel {name!r}; registered: {kernel_names()}")
+    layout = memory_layout(x)
+    for k in _KERNELS:
+        if layout in k.layouts and k.accepts(x, correction):
+            return k
+    raise RuntimeError(f"no batch-norm kernel accepts a {layout} {x.dtype} input")  # composite accepts all
