@@ -1,0 +1,170 @@
+"""Batch-norm op speed: bnlab vs torch.nn vs a naive eager version, side by side in one process.
+
+Training mode, float32, 2 threads. For every shape the implementations run in
+interleaved rounds, in a new random order each round (so machine noise and
+cache state hit all of them alike), and the median
+time per call is reported, with:
+
+* GB/s over the *minimum* memory traffic: forward reads x and writes y
+  (2 tensor passes); forward+backward adds reading x and dy and writing dx
+  (5 passes). Parameters and statistics are negligible.
+* % of the STREAM-triad bandwidth measured in the same run (a = b + s*c).
+* ratio = time / torch.nn time, paired within each round, median over rounds. "torch.nn #2" is a second torch.nn layer: its
+  ratio is the noise floor of the run.
+
+Run:  .venv/bin/python benchmarks/bench_ops.py [--rounds 15] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import bnlab.nn as bnn
+
+SHAPES = [
+    ("(256,1024)", (256, 1024), torch.contiguous_format),
+    ("(4096,1024)", (4096, 1024), torch.contiguous_format),
+    ("(32,64,56,56) NCHW", (32, 64, 56, 56), torch.contiguous_format),
+    ("(32,64,56,56) NHWC", (32, 64, 56, 56), torch.channels_last),
+    ("(128,64,32,32)", (128, 64, 32, 32), torch.contiguous_format),
+]
+
+
+class NaiveBatchNorm(nn.Module):
+    """The textbook formula in eager torch ops, as a tutorial would write it."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.eps, self.momentum = eps, momentum
+
+    def forward(self, x):
+        dims = [0, *range(2, x.dim())]
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean = x.mean(dim=dims, keepdim=True)
+        var = x.var(dim=dims, unbiased=False, keepdim=True)
+        with torch.no_grad():
+            n = x.numel() // x.size(1)
+            self.running_mean.lerp_(mean.flatten(), self.momentum)
+            self.running_var.lerp_(var.flatten() * n / (n - 1), self.momentum)
+        return (x - mean) / torch.sqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+
+
+def implementations(shape) -> dict[str, Callable[[], nn.Module]]:
+    c = shape[1]
+    torch_cls = nn.BatchNorm1d if len(shape) == 2 else nn.BatchNorm2d
+    ours_cls = bnn.BatchNorm1d if len(shape) == 2 else bnn.BatchNorm2d
+    return {
+        "torch.nn": lambda: torch_cls(c),
+        "torch.nn #2": lambda: torch_cls(c),  # control: same code, shows the noise floor
+        "bnlab": lambda: ours_cls(c),
+        "bnlab keras": lambda: ours_cls(c, convention="keras"),
+        "naive eager": lambda: NaiveBatchNorm(c),
+    }
+
+
+def triad_gbs(n: int = 32 * 1024 * 1024, repeats: int = 15) -> float:
+    """STREAM triad a = b + s*c: the machine's practical memory bandwidth (GB/s)."""
+    b, c, a = torch.rand(n), torch.rand(n), torch.empty(n)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.add(b, c, alpha=3.0, out=a)
+        times.append(time.perf_counter() - t)
+    return 3 * n * 4 / min(times) / 1e9
+
+
+def _time(fn, calls: int) -> float:
+    fn()  # untimed: absorbs what the previous implementation left in caches and the allocator
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t) / calls
+
+
+def bench_shape(shape, fmt, rounds: int) -> dict[str, dict[str, tuple[float, float]]]:
+    """{implementation: {pass: (median seconds per call, median paired ratio to torch.nn)}}."""
+    x = torch.randn(shape).contiguous(memory_format=fmt)
+    grad = torch.randn(shape).contiguous(memory_format=fmt)
+    modules = {name: make().train() for name, make in implementations(shape).items()}
+    xg = x.clone().requires_grad_(True)
+
+    def forward(m):
+        with torch.no_grad():
+            m(x)
+
+    def forward_backward(m):
+        y = m(xg)
+        torch.autograd.grad(y, [xg, m.weight, m.bias], grad)
+
+    numel = x.numel()
+    calls = max(1, int(2e7 // numel))  # ~tens of ms per timing sample
+    results: dict[str, dict[str, list[float]]] = {n: {"fwd": [], "fwd+bwd": []} for n in modules}
+    for fn in (forward, forward_backward):  # warm-up
+        for m in modules.values():
+            fn(m)
+    names = list(modules)
+    order = random.Random(0)
+    for _ in range(rounds):
+        # A fresh order each round: whoever follows the allocation-heavy naive version pays
+        # for it (seen: a 1.8x phantom gap between two calls of the same ATen kernel).
+        order.shuffle(names)
+        for name in names:
+            m = modules[name]
+            results[name]["fwd"].append(_time(lambda: forward(m), calls))
+            results[name]["fwd+bwd"].append(_time(lambda: forward_backward(m), calls))
+    summary = {}
+    for name, per_pass in results.items():
+        summary[name] = {}
+        for kind, times in per_pass.items():
+            # Ratios are paired within a round, then the median is taken: slow drift of the
+            # shared machine (other jobs, frequency) cancels out of each pair.
+            paired = [t / ref for t, ref in zip(times, results["torch.nn"][kind])]
+            summary[name][kind] = (statistics.median(times), statistics.median(paired))
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="3 rounds, for a smoke run")
+    args = parser.parse_args()
+    rounds = 3 if args.quick else args.rounds
+    torch.set_num_threads(2)
+    triad = triad_gbs()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, training mode, "
+          f"median of {rounds} interleaved rounds")
+    print(f"STREAM triad: {triad:.1f} GB/s\n")
+    header = f"{'shape':<20s} {'impl':<12s} {'pass':<8s} {'time':>10s} {'GB/s':>7s} {'%triad':>7s} {'vs torch':>9s}"
+    print(header)
+    print("-" * len(header))
+    worst = {"bnlab": 0.0, "bnlab keras": 0.0, "torch.nn #2": 0.0}
+    for label, shape, fmt in SHAPES:
+        res = bench_shape(shape, fmt, rounds)
+        nbytes = torch.Size(shape).numel() * 4
+        for name, times in res.items():
+            for kind, passes in (("fwd", 2), ("fwd+bwd", 5)):
+                t, ratio = times[kind]
+                gbs = passes * nbytes / t / 1e9
+                if name in worst:
+                    worst[name] = max(worst[name], ratio)
+                print(f"{label:<20s} {name:<12s} {kind:<8s} {t * 1e3:>8.3f}ms {gbs:>7.1f} "
+                      f"{100 * gbs / triad:>6.0f}% {ratio:>8.3f}x")
+        print()
+    print(f"worst ratio torch.nn #2/torch: {worst['torch.nn #2']:.3f} (control: the noise floor)")
+    print(f"worst ratio bnlab/torch:       {worst['bnlab']:.3f} (bar: <= 1.05)")
+    print(f"worst ratio bnlab keras/torch: {worst['bnlab keras']:.3f} (bar: <= 1.30)")
+
+
+if __name__ == "__main__":
+    main()
