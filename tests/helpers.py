@@ -16,10 +16,10 @@ def twin_layers(ours_cls, num_features, **kwargs):
     theirs = TORCH_OF[ours_cls](num_features, **kwargs)
     with torch.no_grad():
         if ours.weight is not None:
-            ours.weight.copy_(torch.rand(num_features) + 0.5)
+            ours.weight.copy_(torch.rand(num_features, dtype=ours.weight.dtype) + 0.5)
             theirs.weight.copy_(ours.weight)
         if ours.bias is not None:
-            ours.bias.copy_(torch.randn(num_features))
+            ours.bias.copy_(torch.randn(num_features, dtype=ours.bias.dtype))
             theirs.bias.copy_(ours.bias)
     return ours, theirs
 

@@ -50,6 +50,17 @@ def test_no_running_stats_uses_batch_stats_in_eval(cls, shape):
     _run_twins(ours, theirs, shape, steps=1)
 
 
+@pytest.mark.parametrize("cls,shape", SHAPES[:3])
+def test_float64_matches_torch(cls, shape):
+    ours, theirs = twin_layers(cls, shape[1], dtype=torch.float64)
+    for _ in range(3):
+        x = torch.randn(shape, dtype=torch.float64) * 3 + 1.5
+        upstream = torch.randn(shape, dtype=torch.float64)
+        for a, b in zip(step(ours, x, upstream), step(theirs, x, upstream)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-12, atol=1e-12)
+
+
 def test_track_running_stats_flag_flipped_after_construction():
     # torch: buffers exist, so train mode stops updating them but eval still uses them.
     ours, theirs = twin_layers(bnn.BatchNorm1d, 4)
