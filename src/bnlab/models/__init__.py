@@ -1,0 +1,7 @@
+"""bnlab.models: model specs, the builder, K-model stacking, and the seed/paper presets (lab layer)."""
+
+from bnlab.models.fused import StackedModel
+from bnlab.models.presets import PRESETS
+from bnlab.models.spec import ModelSpec, build_model, count_parameters, flops_per_sample
+
+__all__ = ["ModelSpec", "build_model", "count_parameters", "flops_per_sample", "StackedModel", "PRESETS"]

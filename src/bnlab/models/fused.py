@@ -1,0 +1,198 @@
+"""Train K models of one architecture as one: same batches, independent weights, one fused step.
+
+:class:`StackedModel` takes K ``nn.Sequential`` models built by
+:func:`~bnlab.models.spec.build_model` (one per seed) and runs them together:
+
+* activations are laid out ``(B, K, C)`` for vectors and ``(B, K*C, H, W)`` for
+  images, so model k's channels are a contiguous block;
+* the first linear/conv layer sees the same input for every model, so it is
+  one wide matmul (or conv) with the K weight matrices concatenated;
+* later linear layers are one batched matmul over K; later convolutions are
+  one grouped convolution with ``groups=K``;
+* batch norm over ``(B, K*C)`` (or ``(B, K*C, H, W)``) is per (model,
+  channel): exactly the statistics K separate models would have, and one
+  running buffer of size K*C holds all K models' running statistics.
+
+Model k of a stacked run therefore computes what model k alone would, up to
+float32 summation order. Only dropout differs: its random masks are drawn for
+the stack at once, so with dropout a stacked model is equal in distribution,
+not bitwise, to a separate run.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["StackedModel"]
+
+_ELEMENTWISE = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.Dropout, nn.Identity, nn.MaxPool2d)
+
+
+class StackedLinear(nn.Module):
+    """K linear layers. ``shared_input``: ``(B, in) -> (B, K, out)``; else ``(B, K, in) -> (B, K, out)``."""
+
+    def __init__(self, layers: list[nn.Linear], shared_input: bool):
+        super().__init__()
+        self.shared_input = shared_input
+        self.weight = nn.Parameter(torch.stack([l.weight.detach() for l in layers]).clone())  # (K, out, in)
+        has_bias = layers[0].bias is not None
+        self.bias = nn.Parameter(torch.stack([l.bias.detach() for l in layers]).clone()) if has_bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        k, out, inp = self.weight.shape
+        if self.shared_input:
+            bias = None if self.bias is None else self.bias.reshape(k * out)
+            return nn.functional.linear(x, self.weight.reshape(k * out, inp), bias).view(len(x), k, out)
+        xk = x.transpose(0, 1)  # (K, B, in)
+        wt = self.weight.transpose(1, 2)  # (K, in, out)
+        if self.bias is None:
+            y = torch.bmm(xk, wt)
+        else:
+            y = torch.baddbmm(self.bias.unsqueeze(1), xk, wt)
+        return y.transpose(0, 1).contiguous()  # (B, K, out): the next norm views it as (B, K*out)
+
+    def unstacked(self, k: int) -> dict[str, Tensor]:
+        d = {"weight": self.weight[k]}
+        if self.bias is not None:
+            d["bias"] = self.bias[k]
+        return d
+
+
+class StackedConv2d(nn.Module):
+    """K convolutions as one: shared input ``(B, in, H, W)`` or grouped ``(B, K*in, H, W)``; out ``(B, K*out, H', W')``."""
+
+    def __init__(self, layers: list[nn.Conv2d], shared_input: bool):
+        super().__init__()
+        proto = layers[0]
+        if proto.groups != 1 or proto.padding_mode != "zeros":
+            raise TypeError("only groups=1, zero-padded convolutions can be stacked")
+        self.shared_input = shared_input
+        self.k = len(layers)
+        self.stride, self.padding, self.dilation = proto.stride, proto.padding, proto.dilation
+        self.weight = nn.Parameter(torch.stack([l.weight.detach() for l in layers]).clone())  # (K, out, in, kh, kw)
+        has_bias = proto.bias is not None
+        self.bias = nn.Parameter(torch.stack([l.bias.detach() for l in layers]).clone()) if has_bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        k, out = self.weight.shape[:2]
+        weight = self.weight.reshape(k * out, *self.weight.shape[2:])
+        bias = None if self.bias is None else self.bias.reshape(k * out)
+        groups = 1 if self.shared_input else k
+        return nn.functional.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+
+    def unstacked(self, k: int) -> dict[str, Tensor]:
+        d = {"weight": self.weight[k]}
+        if self.bias is not None:
+            d["bias"] = self.bias[k]
+        return d
+
+
+class StackedNorm(nn.Module):
+    """K batch norms as one of K*C channels over ``(B, K, C)`` or ``(B, K*C, H, W)``."""
+
+    def __init__(self, layers: list[_BatchNorm]):
+        super().__init__()
+        proto = layers[0]
+        self.k, self.c = len(layers), proto.num_features
+        self.norm = copy.deepcopy(proto)  # same class, convention, eps, momentum, flags
+        self.norm.num_features = self.k * self.c
+        for name in ("weight", "bias"):
+            if getattr(proto, name) is not None:
+                setattr(self.norm, name, nn.Parameter(torch.cat([getattr(l, name).detach() for l in layers]).clone()))
+        for name in ("running_mean", "running_var"):
+            if getattr(proto, name) is not None:
+                self.norm.register_buffer(name, torch.cat([getattr(l, name) for l in layers]).clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:  # (B, K, C)
+            b = len(x)
+            return self.norm(x.reshape(b, self.k * self.c)).view(b, self.k, self.c)
+        return self.norm(x)
+
+    def unstacked(self, k: int) -> dict[str, Tensor]:
+        block = slice(k * self.c, (k + 1) * self.c)
+        d = {}
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            t = getattr(self.norm, name)
+            if t is not None:
+                d[name] = t[block]
+        if self.norm.num_batches_tracked is not None:
+            d["num_batches_tracked"] = self.norm.num_batches_tracked
+        return d
+
+
+class StackedFlatten(nn.Module):
+    """``(B, K*C, H, W) -> (B, K, C*H*W)``: model k's features in its own block, in (C, H, W) order."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.reshape(len(x), self.k, -1)
+
+
+class StackedModel(nn.Module):
+    """K ``nn.Sequential`` models of identical architecture, trained as one.
+
+    ``forward(x)`` takes the shared batch and returns logits ``(B, K, classes)``.
+    :meth:`write_back` copies the trained state into the K original modules.
+    """
+
+    def __init__(self, models: list[nn.Sequential]):
+        super().__init__()
+        if not models:
+            raise ValueError("need at least one model")
+        self.k = len(models)
+        self._source_models = models  # plain list: not registered as submodules
+        layers: list[nn.Module] = []
+        shared = True  # inputs are the same for all K until the first layer with weights
+        for index, group in enumerate(zip(*[list(m) for m in models], strict=True)):
+            proto = group[0]
+            if any(type(m) is not type(proto) for m in group):
+                raise TypeError(f"layer {index}: models differ in architecture ({[type(m).__name__ for m in group]})")
+            if isinstance(proto, nn.Linear):
+                layers.append(StackedLinear(list(group), shared))
+                shared = False
+            elif isinstance(proto, nn.Conv2d):
+                layers.append(StackedConv2d(list(group), shared))
+                shared = False
+            elif isinstance(proto, _BatchNorm):
+                if shared:
+                    raise TypeError("a norm before the first linear/conv layer cannot be stacked")
+                layers.append(StackedNorm(list(group)))
+            elif isinstance(proto, nn.Flatten):
+                layers.append(nn.Flatten() if shared else StackedFlatten(self.k))
+            elif isinstance(proto, _ELEMENTWISE):
+                layers.append(copy.deepcopy(proto))
+            else:
+                raise TypeError(f"layer {index}: cannot stack {type(proto).__name__}")
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+    @torch.no_grad()
+    def write_back(self) -> list[nn.Sequential]:
+        """Copy parameters and buffers of model k into the k-th source model; return them."""
+        for stacked, *originals in zip(self.layers, *[list(m) for m in self._source_models]):
+            if not hasattr(stacked, "unstacked"):
+                continue
+            for k, original in enumerate(originals):
+                for name, value in stacked.unstacked(k).items():
+                    getattr(original, name).copy_(value)
+        return self._source_models
+
+    def source_models(self) -> list[nn.Sequential]:
+        return self._source_models
+
+
+def per_model_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Mean cross-entropy of each of the K models: ``(B, K, classes), (B,) -> (K,)``."""
+    b, k, _ = logits.shape
+    losses = nn.functional.cross_entropy(logits.transpose(1, 2), target.unsqueeze(1).expand(b, k), reduction="none")
+    return losses.mean(dim=0)

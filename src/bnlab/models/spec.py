@@ -1,0 +1,185 @@
+"""Model specifications (plain data) and the builder that turns one into an ``nn.Sequential``.
+
+A :class:`ModelSpec` says everything the experiments vary: widths, activation,
+which normalization and where it goes relative to the activation, dropout and
+its position, whether the bias before a norm is kept, and the initialization.
+Builders produce plain ``nn.Sequential`` models of standard layers, so any
+torch tool works on them, and :mod:`bnlab.models.fused` can stack K of them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch import nn
+
+import bnlab.nn as bnn
+
+__all__ = ["ModelSpec", "build_model", "ACTIVATIONS", "NORMS"]
+
+ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+NORMS = ("none", "batch")  # grows with bnlab.nn.make_norm (issue 5)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to build.
+
+    Attributes:
+        arch: ``"mlp"`` (input flattened to 784) or ``"cnn"`` (input ``(1, 28, 28)``).
+        hidden: MLP hidden widths, or the CNN's dense widths after the convolutions.
+        conv_channels: CNN 3x3 "valid" convolutions, each followed by 2x2 max-pooling.
+        activation: ``relu``, ``sigmoid`` or ``tanh``.
+        norm: ``none`` or ``batch``.
+        norm_convention: ``torch`` or ``keras`` (see :class:`bnlab.nn.BatchNorm1d`).
+        placement: ``before`` (linear → norm → activation, as Ioffe & Szegedy and
+            the seeds recommend) or ``after`` (linear → activation → norm).
+        dropout: dropout rate after each hidden block (0 disables it).
+        dropout_position: ``after_norm`` (… → norm → act → dropout) or
+            ``before_norm`` (dropout placed right before the norm).
+        bias_before_norm: keep the linear/conv bias in front of a norm (its
+            effect is cancelled by the mean subtraction; seeds 000/003 keep it).
+        init: ``torch`` (torch's default), ``glorot`` (Keras' glorot_uniform, zero
+            bias) or ``normal`` (N(0, init_scale²), zero bias).
+        init_scale: standard deviation for ``init="normal"``.
+        norm_output: also normalize the logits (seed 000 warns against it).
+        classes: number of outputs.
+    """
+
+    arch: str = "mlp"
+    hidden: tuple[int, ...] = (512, 256)
+    conv_channels: tuple[int, ...] = ()
+    activation: str = "relu"
+    norm: str = "none"
+    norm_convention: str = "torch"
+    placement: str = "before"
+    dropout: float = 0.0
+    dropout_position: str = "after_norm"
+    bias_before_norm: bool = True
+    init: str = "torch"
+    init_scale: float = 0.01
+    norm_output: bool = False
+    classes: int = 10
+
+    def __post_init__(self):
+        _check_choice("arch", self.arch, ("mlp", "cnn"))
+        _check_choice("activation", self.activation, tuple(ACTIVATIONS))
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("norm_convention", self.norm_convention, tuple(bnn.CONVENTIONS))
+        _check_choice("placement", self.placement, ("before", "after"))
+        _check_choice("dropout_position", self.dropout_position, ("after_norm", "before_norm"))
+        _check_choice("init", self.init, ("torch", "glorot", "normal"))
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.arch == "cnn" and not self.conv_channels:
+            raise ValueError("a cnn needs at least one entry in conv_channels")
+        if any(w < 1 for w in (*self.hidden, *self.conv_channels)):
+            raise ValueError("widths and channel counts must be positive")
+
+    def with_(self, **changes) -> ModelSpec:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["hidden"], d["conv_channels"] = list(self.hidden), list(self.conv_channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelSpec:
+        d = dict(d)
+        d["hidden"] = tuple(d.get("hidden", ()))
+        d["conv_channels"] = tuple(d.get("conv_channels", ()))
+        return cls(**d)
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _norm(spec: ModelSpec, features: int, spatial: bool) -> nn.Module:
+    cls = bnn.BatchNorm2d if spatial else bnn.BatchNorm1d
+    return cls(features, convention=spec.norm_convention)
+
+
+def _block(spec: ModelSpec, layer: nn.Module, features: int, spatial: bool) -> list[nn.Module]:
+    """linear/conv, then norm and activation in the chosen order, then dropout where asked."""
+    act = ACTIVATIONS[spec.activation]()
+    if spec.norm == "none":
+        parts = [layer, act]
+        norm_at = None
+    else:
+        norm = _norm(spec, features, spatial)
+        parts = [layer, norm, act] if spec.placement == "before" else [layer, act, norm]
+        norm_at = parts.index(norm)
+    if spec.dropout > 0:
+        drop = nn.Dropout(spec.dropout)
+        if spec.dropout_position == "before_norm" and norm_at is not None:
+            parts.insert(norm_at, drop)
+        else:
+            parts.append(drop)
+    return parts
+
+
+def build_model(spec: ModelSpec, *, seed: int | None = None) -> nn.Sequential:
+    """Build the model; with ``seed``, its initialization depends on nothing else."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    keep_bias = spec.norm == "none" or spec.bias_before_norm or spec.placement == "after"
+    if spec.arch == "mlp":
+        layers.append(nn.Flatten())
+        width = 28 * 28
+    else:
+        channels, side = 1, 28
+        for out in spec.conv_channels:
+            conv = nn.Conv2d(channels, out, 3, bias=keep_bias)
+            layers += _block(spec, conv, out, spatial=True)
+            layers.append(nn.MaxPool2d(2))
+            channels, side = out, (side - 2) // 2
+        layers.append(nn.Flatten())
+        width = channels * side * side
+    for hidden in spec.hidden:
+        layers += _block(spec, nn.Linear(width, hidden, bias=keep_bias), hidden, spatial=False)
+        width = hidden
+    layers.append(nn.Linear(width, spec.classes))
+    if spec.norm_output and spec.norm != "none":
+        layers.append(_norm(spec, spec.classes, spatial=False))
+    model = nn.Sequential(*layers)
+    _initialize(model, spec)
+    return model
+
+
+def _initialize(model: nn.Module, spec: ModelSpec) -> None:
+    if spec.init == "torch":
+        return
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            if spec.init == "glorot":
+                nn.init.xavier_uniform_(m.weight)  # = Keras glorot_uniform (fan_in + fan_out)
+            else:
+                nn.init.normal_(m.weight, 0.0, spec.init_scale)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_sample(model: nn.Sequential) -> int:
+    """Multiply-adds ×2 of the linear and conv layers for one forward sample."""
+    total, x = 0, torch.zeros(1, 1, 28, 28)
+    with torch.no_grad():
+        model = model.eval()
+        for layer in model:
+            y = layer(x)
+            if isinstance(layer, nn.Linear):
+                total += 2 * layer.in_features * layer.out_features
+            elif isinstance(layer, nn.Conv2d):
+                total += 2 * math.prod(layer.weight.shape) * y.shape[-1] * y.shape[-2]
+            x = y
+    return total

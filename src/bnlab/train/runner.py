@@ -1,0 +1,159 @@
+"""Run a group of seeds through the engine with the run store: reuse, resume, record.
+
+:func:`run_group` is what every command calls. For a given (label, model,
+recipe, seeds) it
+
+* returns the stored runs if an identical group already finished,
+* resumes an identical group that was interrupted (from its last checkpoint,
+  dropping metrics logged after it), or
+* starts a new group,
+
+and records metrics at each evaluation step, a checkpoint every
+``checkpoint_every`` steps and on Ctrl-C/SIGTERM, and a per-run summary at the end.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import bnlab
+from bnlab.data import Dataset, load_dataset
+from bnlab.models.spec import ModelSpec
+from bnlab.store import RunStore, StoreError, config_key
+from bnlab.train.config import TrainConfig
+from bnlab.train.engine import Probe, StackedTrainer, StopRequested, graceful_stop, prepare_data
+
+__all__ = ["GroupResult", "run_group", "resume", "group_config", "code_version"]
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    group_id: str
+    run_ids: list[str]
+    reused: bool
+    wall_seconds: float
+    steps_per_second: float | None  # None when reused
+
+
+def group_config(label: str, spec: ModelSpec, cfg: TrainConfig, seeds: list[int]) -> dict:
+    return {"label": label, "model": spec.to_dict(), "train": cfg.to_dict(), "seeds": list(seeds)}
+
+
+_CODE_VERSION: str | None = None
+
+
+def code_version() -> str:
+    """``bnlab <version>`` plus the git commit of the source tree when there is one."""
+    global _CODE_VERSION
+    if _CODE_VERSION is None:
+        version = f"bnlab {bnlab.__version__}"
+        try:
+            root = Path(bnlab.__file__).resolve().parents[2]
+            commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                                    capture_output=True, text=True, timeout=5)
+            if commit.returncode == 0:
+                version += f" ({commit.stdout.strip()})"
+        except (OSError, subprocess.SubprocessError):
+            pass
+        _CODE_VERSION = version
+    return _CODE_VERSION
+
+
+def run_group(
+    store: RunStore,
+    label: str,
+    spec: ModelSpec,
+    cfg: TrainConfig,
+    seeds: list[int],
+    *,
+    dataset: Dataset | None = None,
+    probes: tuple[Probe, ...] = (),
+    progress: bool = True,
+) -> GroupResult:
+    config = group_config(label, spec, cfg, seeds)
+    key = config_key(config)
+    groups: dict[str, list] = {}
+    for record in store.runs(group_key=key):
+        groups.setdefault(record.group_id, []).append(record)
+    for group_id, records in groups.items():
+        if all(r.status == "finished" for r in records):
+            return GroupResult(group_id, [r.id for r in records], True, records[0].wall_seconds, None)
+    resumable = None
+    for group_id, records in groups.items():
+        status = records[0].effective_status
+        if status == "running":
+            raise StoreError(f"an identical job ({label}, group {group_id}) is running in process "
+                             f"{records[0].pid}; wait for it or stop it first")
+        resumable = resumable or (group_id, records)
+
+    dataset = dataset if dataset is not None else load_dataset(cfg.dataset)
+    trainer = StackedTrainer(spec, cfg, seeds, prepare_data(dataset, cfg, spec), probes)
+    if resumable is not None:
+        group_id, records = resumable
+        run_ids = [r.id for r in sorted(records, key=lambda r: seeds.index(r.seed))]
+        checkpoint = store.checkpoint_path(group_id)
+        if checkpoint.exists():
+            trainer.load_checkpoint(checkpoint)
+        store.truncate_metrics(group_id, after_step=trainer.step)
+    else:
+        group_id, run_ids = store.create_group(
+            key, [(label, s, {**config, "seed": s}) for s in seeds], trainer.total_steps, code_version()
+        )
+    return _train(store, trainer, group_id, run_ids, label, progress)
+
+
+def resume(store: RunStore, run_id: str, *, progress: bool = True) -> GroupResult:
+    """Continue the group that ``run_id`` belongs to from its last checkpoint."""
+    record = store.run(run_id)
+    if record.effective_status == "finished":
+        raise StoreError(f"run {record.id} already finished; nothing to resume")
+    c = record.config
+    return run_group(store, c["label"], ModelSpec.from_dict(c["model"]), TrainConfig.from_dict(c["train"]),
+                     c["seeds"], progress=progress)
+
+
+def _train(store: RunStore, trainer: StackedTrainer, group_id: str, run_ids: list[str], label: str,
+           progress: bool) -> GroupResult:
+    checkpoint = store.checkpoint_path(group_id)
+    start_step, started = trainer.step, time.perf_counter()
+    store.mark(group_id, "running", steps_done=trainer.step)
+
+    def log(step: int, metrics: dict[str, torch.Tensor]) -> None:
+        values = [(run_ids[k], name, float(v[k])) for name, v in metrics.items() for k in range(trainer.k)]
+        store.log_metrics(step, values, steps_done=step, group_id=group_id)
+        if "test_acc" in metrics:
+            bar.set_postfix(test_acc=f"{metrics['test_acc'].mean():.4f}", refresh=False)
+
+    def save(step: int) -> None:
+        trainer.save_checkpoint(checkpoint)
+
+    bar = tqdm(total=trainer.total_steps, initial=trainer.step, desc=f"{label} ×{trainer.k}", unit="step",
+               disable=not progress, mininterval=0.5, dynamic_ncols=True, leave=True)
+    try:
+        with graceful_stop() as flag:
+            trainer.run(on_eval=log, on_checkpoint=save, progress=bar.update, stop_flag=flag)
+    except (StopRequested, KeyboardInterrupt):
+        # StopRequested saved a checkpoint at this step; a forced second Ctrl-C resumes
+        # from the last periodic one (the store's steps_done says which).
+        store.mark(group_id, "interrupted", add_wall_seconds=time.perf_counter() - started)
+        raise
+    except BaseException:
+        store.mark(group_id, "failed", add_wall_seconds=time.perf_counter() - started)
+        raise
+    finally:
+        bar.close()
+    final = trainer.final_metrics()
+    log(trainer.total_steps, final)
+    trainer.save_checkpoint(checkpoint)  # the trained models, for later inspection
+    elapsed = time.perf_counter() - started
+    for k, run_id in enumerate(run_ids):
+        store.set_summary(run_id, {name: float(v[k]) for name, v in final.items()})
+    store.mark(group_id, "finished", steps_done=trainer.step, add_wall_seconds=elapsed)
+    rate = (trainer.step - start_step) / elapsed if elapsed > 0 else None
+    return GroupResult(group_id, run_ids, False, elapsed, rate)
