@@ -14,13 +14,14 @@ $(STAMP): pyproject.toml requirements/lock.txt
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/bnlab demo
+	$(VENV)/bin/bnlab compare --out out/compare
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_ops.py
+	$(PY) benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis

@@ -6,10 +6,10 @@ import argparse
 import sys
 
 import bnlab
-from bnlab.cli import demo
+from bnlab.cli import compare, data, demo, presets, runs
 
 # Each module exposes add_parser(subparsers) and run(args) -> int.
-SUBCOMMANDS = [demo]
+SUBCOMMANDS = [compare, runs, presets, data, demo]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,11 +37,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    # Imported here so that `bnlab --help` stays fast (no torch import).
+    from bnlab.data import DataUnavailableError
+    from bnlab.store import StoreError
+    from bnlab.train.engine import StopRequested
+
     try:
         return args.run(args)
-    except KeyboardInterrupt:
-        print("\nbnlab: interrupted", file=sys.stderr)
+    except StopRequested as stop:
+        print(f"\nbnlab: {stop}; progress is saved. Resume with the same command, or "
+              "'bnlab runs list' then 'bnlab runs resume ID'.", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:
+        print("\nbnlab: interrupted; resume from the last checkpoint with 'bnlab runs resume ID'", file=sys.stderr)
+        return 130
+    except (StoreError, DataUnavailableError, ValueError) as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""bnlab.report: turning experiment summaries into tables, plots and pages (lab layer)."""

@@ -1,0 +1,178 @@
+"""What ``bnlab compare`` shows: a terminal table, ``summary.json``, ``curves.png`` and ``index.html``."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from bnlab.stats import mean_ci
+
+__all__ = ["format_table", "write_report", "plot_curves"]
+
+COLORS = {"no BN": "#d95f02", "BN": "#1b9e77"}
+
+
+def _rows(summary: dict) -> list[tuple[str, list[str]]]:
+    labels = list(summary["variants"])
+    agg = {label: summary["variants"][label]["aggregate"] for label in labels}
+
+    def cell(label, key, scale=1.0, digits=2, unit=""):
+        d = agg[label][key]
+        if d["n"] == 0:
+            return f"not reached (0/{d['of']} seeds)" if "of" in d else "n/a"
+        text = f"{d['mean'] * scale:.{digits}f}"
+        if d["n"] > 1:
+            text += f" ± {d['half_width'] * scale:.{digits}f}"
+        text += unit
+        if "reached" in d and d["reached"] < d["of"]:
+            text += f" ({d['reached']}/{d['of']} seeds)"
+        return text
+
+    rows = [("final test accuracy", [cell(l, "final_test_acc", 100, 2, " %") for l in labels])]
+    for key, title in (("steps_to_95", "steps to 95% test acc"), ("steps_to_97", "steps to 97% test acc")):
+        rows.append((title, [cell(l, key, 1, 0) for l in labels]))
+    rows.append(("final train loss", [cell(l, "final_train_loss", 1, 4) for l in labels]))
+    rows.append(("train-test gap (acc)", [cell(l, "train_test_gap", 100, 2, " pts") for l in labels]))
+    return rows
+
+
+def format_table(summary: dict) -> str:
+    labels = list(summary["variants"])
+    rows = _rows(summary)
+    width0 = max(len(r[0]) for r in rows)
+    widths = [max(len(labels[i]), *(len(r[1][i]) for r in rows)) for i in range(len(labels))]
+    req = summary["request"]
+    n = req["seeds"]
+    lines = [
+        f"{req['preset']} on {req['dataset']}, {n} seed{'s' if n > 1 else ''} per variant; "
+        f"mean ± 95% CI (Student t) over seeds",
+        "  ".join([" " * width0] + [l.rjust(w) for l, w in zip(labels, widths)]),
+    ]
+    for title, cells in rows:
+        lines.append("  ".join([title.ljust(width0)] + [c.rjust(w) for c, w in zip(cells, widths)]))
+    return "\n".join(lines)
+
+
+def _band(curves: dict, metric: str):
+    """Steps, mean, CI low, CI high over seeds for one metric (steps common to all seeds)."""
+    per_run = [dict(c[metric]) for c in curves.values() if c.get(metric)]
+    if not per_run:
+        return None
+    steps = sorted(set.intersection(*(set(r) for r in per_run)))
+    mean, low, high = [], [], []
+    for s in steps:
+        iv = mean_ci([r[s] for r in per_run if r[s] is not None])
+        mean.append(iv.mean)
+        low.append(iv.low if iv.n > 1 else iv.mean)
+        high.append(iv.high if iv.n > 1 else iv.mean)
+    return np.array(steps), np.array(mean), np.array(low), np.array(high), per_run
+
+
+def plot_curves(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    panels = [
+        ("test_acc", "test accuracy (%)", 100.0, None),
+        ("test_acc", "test accuracy (%), zoomed", 100.0, "zoom"),
+        ("train_loss", "train loss (mean over each interval, log)", 1.0, "log"),
+    ]
+    for ax, (metric, title, scale, mode) in zip(axes, panels):
+        top_low = []
+        for label, variant in summary["variants"].items():
+            band = _band(variant["curves"], metric)
+            if band is None:
+                continue
+            steps, mean, low, high, per_run = band
+            color = COLORS.get(label)
+            for run in per_run:
+                xs = sorted(run)
+                ax.plot(xs, [run[s] * scale for s in xs], color=color, alpha=0.18, lw=0.8)
+            ax.fill_between(steps, low * scale, high * scale, color=color, alpha=0.25, lw=0)
+            ax.plot(steps, mean * scale, color=color, lw=2, label=f"{label} (mean, 95% CI band)")
+            top_low.append(np.percentile(mean * scale, 20))
+        ax.set_title(title)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        if mode == "log":
+            ax.set_yscale("log")
+        if mode == "zoom" and top_low:
+            ax.set_ylim(max(min(top_low), 80.0), 100.0)
+    axes[0].legend(loc="lower right")
+    req = summary["request"]
+    fig.suptitle(f"{req['preset']} on {req['dataset']}: with vs without batch norm, {req['seeds']} seeds "
+                 "(thin lines: individual seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(summary: dict, out_dir: Path) -> dict[str, Path]:
+    """Write summary.json, curves.png and index.html into ``out_dir``; return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"summary": out_dir / "summary.json", "curves": out_dir / "curves.png", "html": out_dir / "index.html"}
+    paths["summary"].write_text(json.dumps(summary, indent=2, default=_json_default))
+    plot_curves(summary, paths["curves"])
+    paths["html"].write_text(_html(summary))
+    return paths
+
+
+def _json_default(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def _html(summary: dict) -> str:
+    e = html.escape
+    labels = list(summary["variants"])
+    head = "".join(f"<th>{e(l)}</th>" for l in labels)
+    body = "".join(
+        f"<tr><th>{e(title)}</th>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>"
+        for title, cells in _rows(summary)
+    )
+    seed_rows = []
+    for label, variant in summary["variants"].items():
+        for r in variant["per_seed"]:
+            acc, loss = r["final_test_acc"], r.get("final_train_loss")
+            seed_rows.append(
+                f"<tr><td>{e(label)}</td><td>{r['seed']}</td><td><code>{e(r['run_id'])}</code></td>"
+                f"<td>{'' if acc is None else f'{acc * 100:.2f} %'}</td>"
+                f"<td>{r.get('steps_to_95') or '-'}</td><td>{r.get('steps_to_97') or '-'}</td>"
+                f"<td>{'' if loss is None else f'{loss:.4f}'}</td></tr>"
+            )
+    req = summary["request"]
+    preset = summary["preset"]
+    config = json.dumps({"train": summary["train_config"], "models": summary["models"]}, indent=2)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>bnlab compare: {e(req['preset'])}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
+th:first-child {{ text-align: left; }}
+img {{ max-width: 100%; }}
+pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; }}
+</style></head><body>
+<h1>With vs without batch normalization: {e(req['preset'])} on {e(req['dataset'])}</h1>
+<p>{e(preset['source'])}. Our choices: {e(preset['our_choices'])}.</p>
+<p>{req['seeds']} seeds per variant, all seeing the same batches; numbers are means with 95% confidence
+intervals (Student t) over seeds. "Steps to X%" is the first evaluation step at which test accuracy reached X.</p>
+<table><tr><th></th>{head}</tr>{body}</table>
+<img src="curves.png" alt="test accuracy and train loss vs training steps, with and without batch norm">
+<h2>Per seed</h2>
+<table><tr><th>variant</th><th>seed</th><th>run</th><th>final test acc</th><th>steps to 95%</th>
+<th>steps to 97%</th><th>final train loss</th></tr>{''.join(seed_rows)}</table>
+<h2>Configuration</h2>
+<p>Code: {e(summary['code_version'])}. Runs are in the store <code>{e(summary['store'])}</code>
+(<code>bnlab runs show ID</code>).</p>
+<pre>{e(config)}</pre>
+</body></html>
+"""
