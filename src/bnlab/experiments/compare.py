@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from bnlab.data import load_dataset
+from bnlab.data import Dataset, load_dataset
 from bnlab.models import PRESETS, ModelSpec
 from bnlab.stats import first_step_reaching, mean_ci
 from bnlab.store import RunStore
@@ -51,11 +51,12 @@ class CompareRequest:
         return {label: base.with_(norm=norm) for label, norm in VARIANTS.items()}, cfg
 
 
-def run_compare(request: CompareRequest, store: RunStore, *, progress: bool = True) -> dict:
+def run_compare(request: CompareRequest, store: RunStore, *, progress: bool = True,
+                dataset: Dataset | None = None) -> dict:
     """Train (or reuse) both variants on all seeds; return the summary (also what summary.json holds)."""
     specs, cfg = request.configs()
     seeds = list(range(request.seeds))
-    dataset = load_dataset(cfg.dataset)
+    dataset = dataset if dataset is not None else load_dataset(cfg.dataset)
     started = time.perf_counter()
     variants = {}
     for label, spec in specs.items():
