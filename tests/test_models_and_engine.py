@@ -99,8 +99,8 @@ def test_model_k_of_a_stacked_run_matches_a_single_run_of_seed_k(spec, optimizer
     single = StackedTrainer(spec, cfg, [1], data)
     for _ in range(stacked.total_steps):
         stacked.train_step(), single.train_step()
-    fused_models = stacked.model.write_back()
-    (alone,) = single.model.write_back()
+    fused_models = stacked.write_back()
+    (alone,) = single.write_back()
     # A bias feeding a batch norm has an exactly zero gradient (the mean subtraction cancels
     # it); in float32 that gradient is round-off (~1e-8), and Adam's m/sqrt(v) turns round-off
     # into lr-sized steps, so such biases random-walk differently in any two runs whose

@@ -33,30 +33,41 @@ _ELEMENTWISE = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.Dropout, nn.Identity, nn.MaxPoo
 
 
 class StackedLinear(nn.Module):
-    """K linear layers. ``shared_input``: ``(B, in) -> (B, K, out)``; else ``(B, K, in) -> (B, K, out)``."""
+    """K linear layers. ``shared_input``: ``(B, in) -> (B, K, out)``; else ``(B, K, in) -> (B, K, out)``.
+
+    Weights are stored input-major, ``(in, K, out)`` when the input is shared and
+    ``(K, in, out)`` otherwise, so that the forward pass is ``x @ W`` without a
+    transpose and every weight gradient ``x^T @ dy`` comes out of the matmul
+    contiguous (a transposed gradient costs a strided copy as large as the weight).
+    """
 
     def __init__(self, layers: list[nn.Linear], shared_input: bool):
         super().__init__()
         self.shared_input = shared_input
-        self.weight = nn.Parameter(torch.stack([l.weight.detach() for l in layers]).clone())  # (K, out, in)
+        weights = torch.stack([l.weight.detach().t() for l in layers])  # (K, in, out)
+        if shared_input:
+            weights = weights.transpose(0, 1)  # (in, K, out)
+        self.weight = nn.Parameter(weights.contiguous())
         has_bias = layers[0].bias is not None
         self.bias = nn.Parameter(torch.stack([l.bias.detach() for l in layers]).clone()) if has_bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        k, out, inp = self.weight.shape
         if self.shared_input:
-            bias = None if self.bias is None else self.bias.reshape(k * out)
-            return nn.functional.linear(x, self.weight.reshape(k * out, inp), bias).view(len(x), k, out)
+            inp, k, out = self.weight.shape
+            y = x @ self.weight.view(inp, k * out)
+            if self.bias is not None:
+                y = y + self.bias.view(k * out)
+            return y.view(len(x), k, out)
         xk = x.transpose(0, 1)  # (K, B, in)
-        wt = self.weight.transpose(1, 2)  # (K, in, out)
         if self.bias is None:
-            y = torch.bmm(xk, wt)
+            y = torch.bmm(xk, self.weight)
         else:
-            y = torch.baddbmm(self.bias.unsqueeze(1), xk, wt)
+            y = torch.baddbmm(self.bias.unsqueeze(1), xk, self.weight)
         return y.transpose(0, 1).contiguous()  # (B, K, out): the next norm views it as (B, K*out)
 
     def unstacked(self, k: int) -> dict[str, Tensor]:
-        d = {"weight": self.weight[k]}
+        w = self.weight[:, k] if self.shared_input else self.weight[k]
+        d = {"weight": w.t()}
         if self.bias is not None:
             d["bias"] = self.bias[k]
         return d
@@ -149,6 +160,10 @@ class StackedModel(nn.Module):
             raise ValueError("need at least one model")
         self.k = len(models)
         self._source_models = models  # plain list: not registered as submodules
+        if self.k == 1:
+            # Nothing to stack: train the model itself, without batched-matmul overhead.
+            self.layers = models[0]
+            return
         layers: list[nn.Module] = []
         shared = True  # inputs are the same for all K until the first layer with weights
         for index, group in enumerate(zip(*[list(m) for m in models], strict=True)):
@@ -174,11 +189,14 @@ class StackedModel(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.layers(x)
+        y = self.layers(x)
+        return y.unsqueeze(1) if self.k == 1 else y
 
     @torch.no_grad()
     def write_back(self) -> list[nn.Sequential]:
         """Copy parameters and buffers of model k into the k-th source model; return them."""
+        if self.k == 1:
+            return self._source_models  # trained in place
         for stacked, *originals in zip(self.layers, *[list(m) for m in self._source_models]):
             if not hasattr(stacked, "unstacked"):
                 continue

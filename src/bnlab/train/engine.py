@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from bnlab.data import Dataset
 from bnlab.models.fused import StackedModel, per_model_cross_entropy
@@ -105,6 +105,10 @@ class StackedTrainer:
         self._epoch_cache: tuple[int, Tensor] | None = None
         # dropout draws from the global generator; fix it so a run is a function of its config
         torch.manual_seed(cfg.data_seed * 7919 + sum(self.seeds))
+
+    def write_back(self) -> list[nn.Sequential]:
+        """The K trained models as plain ``nn.Sequential`` modules, in seed order."""
+        return self.model.write_back()
 
     # -- batches ------------------------------------------------------------------------------
 
