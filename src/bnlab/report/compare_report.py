@@ -47,9 +47,12 @@ def format_table(summary: dict) -> str:
     widths = [max(len(labels[i]), *(len(r[1][i]) for r in rows)) for i in range(len(labels))]
     req = summary["request"]
     n = req["seeds"]
+    every = summary["train_config"]["eval_every"]
     lines = [
         f"{req['preset']} on {req['dataset']}, {n} seed{'s' if n > 1 else ''} per variant; "
         f"mean ± 95% CI (Student t) over seeds",
+        f"(steps-to-X are evaluation steps: test accuracy is measured every {every} steps, "
+        f"every {max(1, every // 4)} during the first {2 * every})",
         "  ".join([" " * width0] + [l.rjust(w) for l, w in zip(labels, widths)]),
     ]
     for title, cells in rows:
