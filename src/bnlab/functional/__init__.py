@@ -10,10 +10,22 @@
 
 from bnlab.functional.core import compute_stats, normalize, stats_dtype, update_running_stats
 from bnlab.functional.kernels import Kernel, kernel_names, memory_layout, register_kernel
-from bnlab.functional.norms import batch_norm
+from bnlab.functional.norms import (
+    batch_norm,
+    batch_renorm,
+    ghost_batch_norm,
+    group_norm,
+    instance_norm,
+    layer_norm,
+)
 
 __all__ = [
     "batch_norm",
+    "layer_norm",
+    "group_norm",
+    "instance_norm",
+    "batch_renorm",
+    "ghost_batch_norm",
     "compute_stats",
     "normalize",
     "update_running_stats",

@@ -1,13 +1,20 @@
-"""Functional normalizations: validation and running-statistics policy over the kernels."""
+"""Functional normalizations: validation and running-statistics policy over the kernels.
+
+Every function here is a thin wrapper: statistics, normalization and running
+averages come from :mod:`bnlab.functional.core` or from torch's native kernels
+through :func:`batch_norm`; what each adds is which axes, and what the
+running statistics mean.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from bnlab.functional.core import compute_stats, normalize, update_running_stats
 from bnlab.functional.kernels import select_kernel
 
-__all__ = ["batch_norm"]
+__all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "batch_renorm", "ghost_batch_norm"]
 
 
 def _check_enough_values(x: Tensor) -> None:
@@ -110,3 +117,253 @@ def batch_norm(
             if old is not None:
                 old.copy_(torch.where(finite, new, old))
     return output
+
+
+def _channel(t: Tensor | None, ndim: int) -> Tensor | None:
+    return None if t is None else t.view((1, -1) + (1,) * (ndim - 2))
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    kernel: str | None = None,
+) -> Tensor:
+    r"""Layer normalization over the last ``len(normalized_shape)`` dims of each sample.
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+
+    Statistics (biased variance) are per sample, the same in training and
+    inference; ``weight``/``bias`` have shape ``normalized_shape``.
+    ``kernel="composite"`` uses :func:`compute_stats` and :func:`normalize`
+    instead of torch's native kernel (same result; the oracle).
+    """
+    normalized_shape = tuple(normalized_shape)
+    if kernel == "composite":
+        dims = tuple(range(-len(normalized_shape), 0))
+        mean, var = compute_stats(input, dims, keepdim=True)
+        return normalize(input, mean, var, weight, bias, eps)
+    _check_kernel_name(kernel)
+    return torch.layer_norm(input, normalized_shape, weight, bias, eps, torch.backends.cudnn.enabled)
+
+
+def group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    kernel: str | None = None,
+) -> Tensor:
+    r"""Group normalization: statistics per sample over each group of ``C / num_groups`` channels
+    (and all spatial positions); per-channel affine. ``num_groups=1`` is layer norm over
+    (C, \*), ``num_groups=C`` is instance norm. Same in training and inference.
+    """
+    n, c = input.shape[:2]
+    if c % num_groups:
+        raise ValueError(f"num_channels ({c}) must be divisible by num_groups ({num_groups})")
+    if kernel == "composite":
+        grouped = input.reshape(n, num_groups, -1)
+        mean, var = compute_stats(grouped, [2], keepdim=True)
+        y = normalize(grouped, mean, var, eps=eps).reshape(input.shape)
+        if weight is not None:
+            y = y * _channel(weight, input.dim())
+        if bias is not None:
+            y = y + _channel(bias, input.dim())
+        return y
+    _check_kernel_name(kernel)
+    return torch.group_norm(input, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
+
+
+def instance_norm(
+    input: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    kernel: str | None = None,
+) -> Tensor:
+    r"""Instance normalization: statistics per (sample, channel) over the spatial dims.
+
+    It is batch norm applied to an ``(1, N*C, *)`` view: each instance-channel
+    is its own "channel". With running buffers, they move towards the mean over
+    instances of the per-instance statistics (unbiased variance), as in torch.
+    """
+    if input.dim() < 3:
+        raise ValueError(f"instance_norm needs spatial dims (N, C, L...), got shape {tuple(input.shape)}")
+    if kernel == "composite":
+        n, c = input.shape[:2]
+        tracked = running_mean is not None and use_input_stats
+        temp_mean = running_mean.repeat(n) if tracked else None
+        temp_var = running_var.repeat(n) if tracked else None
+        flat = input.reshape(1, n * c, *input.shape[2:])
+        if use_input_stats:
+            y = batch_norm(flat, temp_mean, temp_var, None, None, True, momentum, eps, kernel="composite")
+        else:
+            y = batch_norm(flat, running_mean.repeat(n), running_var.repeat(n), None, None, False, momentum, eps,
+                           kernel="composite")
+        if tracked:
+            with torch.no_grad():
+                running_mean.copy_(temp_mean.view(n, c).mean(0))
+                running_var.copy_(temp_var.view(n, c).mean(0))
+        y = y.reshape(input.shape)
+        if weight is not None:
+            y = y * _channel(weight, input.dim())
+        if bias is not None:
+            y = y + _channel(bias, input.dim())
+        return y
+    _check_kernel_name(kernel)
+    return torch.instance_norm(input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
+                               torch.backends.cudnn.enabled)
+
+
+def batch_renorm(
+    input: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.01,
+    eps: float = 1e-5,
+    *,
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+    running_var_correction: int = 1,
+    skip_nonfinite_update: bool = False,
+) -> Tensor:
+    r"""Batch renormalization (Ioffe 2017).
+
+    **During training**, with batch statistics :math:`\mu_B, \sigma_B =
+    \sqrt{\mathrm{Var}_B + \epsilon}` and running ones :math:`\mu, \sigma =
+    \sqrt{\text{running\_var} + \epsilon}`:
+
+    .. math::
+        r = \mathrm{clip}_{[1/r_{max},\, r_{max}]}(\sigma_B / \sigma), \quad
+        d = \mathrm{clip}_{[-d_{max},\, d_{max}]}((\mu_B - \mu) / \sigma), \quad
+        y = \gamma \left(\frac{x - \mu_B}{\sigma_B} r + d\right) + \beta
+
+    with no gradient through ``r`` and ``d``; the running statistics are then
+    updated exactly as in :func:`batch_norm`. **During inference** it is batch
+    norm with the running statistics. With ``r_max=1, d_max=0`` it is batch norm.
+
+    The correction only changes the affine part, so the normalization itself is
+    torch's native batch-norm kernel with :math:`\gamma' = \gamma r` and
+    :math:`\beta' = \beta + \gamma d`, after one pass for the batch statistics.
+    """
+    if not training:
+        return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+    if r_max < 1 or d_max < 0:
+        raise ValueError(f"need r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
+    _check_enough_values(input)
+    reduce_dims = [0, *range(2, input.dim())]
+    with torch.no_grad():
+        batch_mean, batch_var = compute_stats(input, reduce_dims)
+        sigma = torch.sqrt(running_var + eps)
+        r = (torch.sqrt(batch_var + eps) / sigma).clamp(1.0 / r_max, r_max)
+        d = ((batch_mean - running_mean) / sigma).clamp(-d_max, d_max)
+        if input.numel() > 0:
+            new_mean, new_var = running_mean.clone(), running_var.clone()
+            update_running_stats(new_mean, new_var, batch_mean, batch_var, input.numel() // input.size(1),
+                                 momentum=momentum, correction=running_var_correction)
+            keep = torch.isfinite(new_mean).all() & torch.isfinite(new_var).all() if skip_nonfinite_update else True
+            running_mean.copy_(torch.where(keep, new_mean, running_mean) if skip_nonfinite_update else new_mean)
+            running_var.copy_(torch.where(keep, new_var, running_var) if skip_nonfinite_update else new_var)
+    scale = r if weight is None else weight * r
+    shift = d if weight is None else weight * d
+    if bias is not None:
+        shift = shift + bias
+    return batch_norm(input, None, None, scale, shift, True, momentum, eps)
+
+
+def ghost_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    virtual_batch_size: int,
+    update: str = "per_ghost",
+    running_var_correction: int = 1,
+    skip_nonfinite_update: bool = False,
+) -> Tensor:
+    r"""Ghost batch norm (Hoffer et al. 2017): each run of ``virtual_batch_size`` samples is normalized
+    with its own statistics.
+
+    **During training**, a batch of N = G·v samples is split into G ghost
+    batches of v consecutive samples. The running statistics are updated
+
+    * ``update="per_ghost"``: once per ghost batch, in order, as calling batch
+      norm on each chunk would (``torch.chunk`` + ``BatchNorm``);
+    * ``update="averaged"``: once per step with the average of the G ghost
+      statistics (tf.keras 2 ``virtual_batch_size``).
+
+    A batch of at most v samples is one ghost batch (plain batch norm); a
+    larger batch must be a multiple of v. **During inference** it is batch norm
+    with the running statistics.
+    """
+    if update not in ("per_ghost", "averaged"):
+        raise ValueError(f"update must be 'per_ghost' or 'averaged', got {update!r}")
+    if virtual_batch_size < 2:
+        raise ValueError(f"virtual_batch_size must be at least 2, got {virtual_batch_size}")
+    n = input.size(0)
+    if not training or n <= virtual_batch_size:
+        return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                          running_var_correction=running_var_correction, skip_nonfinite_update=skip_nonfinite_update)
+    if n % virtual_batch_size:
+        raise ValueError(
+            f"ghost batch norm got a batch of {n}, which is not a multiple of virtual_batch_size="
+            f"{virtual_batch_size}. Use a batch size that is a multiple of it (and drop_last=True in the "
+            "DataLoader so the last batch is too), or a virtual_batch_size that divides the batch size."
+        )
+    ghosts, c, rest = n // virtual_batch_size, input.size(1), input.shape[2:]
+    # (N, C, *) -> (v, G*C, *): ghost g's channels become channels g*C..g*C+C-1 of one batch norm
+    grouped = input.reshape(ghosts, virtual_batch_size, c, *rest).transpose(0, 1).reshape(
+        virtual_batch_size, ghosts * c, *rest)
+    tracked = running_mean is not None and running_var is not None
+    temp_mean = running_mean.repeat(ghosts) if tracked else None
+    temp_var = running_var.repeat(ghosts) if tracked else None
+    y = batch_norm(
+        grouped, temp_mean, temp_var,
+        None if weight is None else weight.repeat(ghosts), None if bias is None else bias.repeat(ghosts),
+        True, momentum, eps, running_var_correction=running_var_correction,
+        skip_nonfinite_update=skip_nonfinite_update,  # a skipped update leaves the temps = running: folds to no change
+    )
+    if tracked:
+        with torch.no_grad():
+            for running, temp in ((running_mean, temp_mean), (running_var, temp_var)):
+                _fold_ghost_updates(running, temp.view(ghosts, c), momentum, update)
+    return y.reshape(virtual_batch_size, ghosts, c, *rest).transpose(0, 1).reshape(input.shape)
+
+
+def _fold_ghost_updates(running: Tensor, temps: Tensor, momentum: float, update: str) -> None:
+    """Each temps[g] = (1-m)·running + m·s_g (one batch-norm update from the same start).
+
+    averaged:  (1-m)·running + m·mean_g(s_g)                 = mean_g(temps[g])
+    per_ghost: (1-m)^G·running + Σ_g (1-m)^(G-1-g)·m·s_g     (G updates in sequence)
+    """
+    if update == "averaged":
+        running.copy_(temps.mean(0))
+        return
+    keep = 1.0 - momentum
+    ghosts = temps.size(0)
+    contributions = temps - keep * running  # m·s_g
+    weights = torch.tensor([keep ** (ghosts - 1 - g) for g in range(ghosts)], dtype=running.dtype)
+    running.copy_(keep**ghosts * running + (weights.unsqueeze(1) * contributions).sum(0))
+
+
+def _check_kernel_name(kernel: str | None) -> None:
+    if kernel not in (None, "native"):
+        raise ValueError(f"unknown kernel {kernel!r}; choose 'native' (default) or 'composite'")

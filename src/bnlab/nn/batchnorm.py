@@ -176,10 +176,21 @@ class _BatchNorm(_TorchBatchNorm):
         # even eval mode has to use batch statistics.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         update_buffers = not self.training or self.track_running_stats
-        return BF.batch_norm(
+        return self._normalize(
             input,
             self.running_mean if update_buffers else None,
             self.running_var if update_buffers else None,
+            use_batch_stats,
+            new_batch_weight,
+        )
+
+    def _normalize(self, input: Tensor, running_mean, running_var, use_batch_stats: bool,
+                   new_batch_weight: float) -> Tensor:
+        """The normalization proper; variants (renorm, ghost) override only this."""
+        return BF.batch_norm(
+            input,
+            running_mean,
+            running_var,
             self.weight,
             self.bias,
             use_batch_stats,
