@@ -60,17 +60,30 @@ class NaiveBatchNorm(nn.Module):
         return (x - mean) / torch.sqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
 
 
-def implementations(shape) -> dict[str, Callable[[], nn.Module]]:
+def implementations(shape) -> dict[str, tuple[str, Callable[[], nn.Module]]]:
+    """{name: (reference name, factory)}: each contender is compared with its reference."""
     c = shape[1]
-    torch_cls = nn.BatchNorm1d if len(shape) == 2 else nn.BatchNorm2d
-    ours_cls = bnn.BatchNorm1d if len(shape) == 2 else bnn.BatchNorm2d
-    return {
-        "torch.nn": lambda: torch_cls(c),
-        "torch.nn #2": lambda: torch_cls(c),  # control: same code, shows the noise floor
-        "bnlab": lambda: ours_cls(c),
-        "bnlab keras": lambda: ours_cls(c, convention="keras"),
-        "naive eager": lambda: NaiveBatchNorm(c),
+    spatial = len(shape) > 2
+    torch_bn = nn.BatchNorm2d if spatial else nn.BatchNorm1d
+    groups = bnn.default_groups(c)
+    contenders = {
+        "torch.nn": ("torch.nn", lambda: torch_bn(c)),
+        "torch.nn #2": ("torch.nn", lambda: torch_bn(c)),  # control: same code, shows the noise floor
+        "bnlab": ("torch.nn", lambda: bnn.make_norm("batch", c, spatial=spatial)),
+        "bnlab keras": ("torch.nn", lambda: bnn.make_norm("batch", c, spatial=spatial, convention="keras")),
+        "naive eager": ("torch.nn", lambda: NaiveBatchNorm(c)),
+        "renorm": ("torch.nn", lambda: bnn.make_norm("renorm", c, spatial=spatial)),
+        "ghost": ("torch.nn", lambda: bnn.make_norm("ghost", c, spatial=spatial, virtual_batch_size=max(2, shape[0] // 4))),
+        "frozen": ("torch.nn", lambda: bnn.make_norm("frozen", c, spatial=spatial)),
+        "torch LayerNorm": ("torch LayerNorm", lambda: nn.LayerNorm(shape[-1])),
+        "bnlab LayerNorm": ("torch LayerNorm", lambda: bnn.LayerNorm(shape[-1])),
+        "torch GroupNorm": ("torch GroupNorm", lambda: nn.GroupNorm(groups, c)),
+        "bnlab GroupNorm": ("torch GroupNorm", lambda: bnn.GroupNorm(groups, c)),
     }
+    if spatial:
+        contenders["torch InstanceNorm"] = ("torch InstanceNorm", lambda: nn.InstanceNorm2d(c, affine=True))
+        contenders["bnlab InstanceNorm"] = ("torch InstanceNorm", lambda: bnn.InstanceNorm2d(c, affine=True))
+    return contenders
 
 
 def triad_gbs(n: int = 32 * 1024 * 1024, repeats: int = 15) -> float:
@@ -93,10 +106,12 @@ def _time(fn, calls: int) -> float:
 
 
 def bench_shape(shape, fmt, rounds: int) -> dict[str, dict[str, tuple[float, float]]]:
-    """{implementation: {pass: (median seconds per call, median paired ratio to torch.nn)}}."""
+    """{implementation: {pass: (median seconds per call, median paired ratio, reference name)}}."""
     x = torch.randn(shape).contiguous(memory_format=fmt)
     grad = torch.randn(shape).contiguous(memory_format=fmt)
-    modules = {name: make().train() for name, make in implementations(shape).items()}
+    specs = implementations(shape)
+    modules = {name: make().train() for name, (_, make) in specs.items()}
+    reference = {name: ref for name, (ref, _) in specs.items()}
     xg = x.clone().requires_grad_(True)
 
     def forward(m):
@@ -105,7 +120,7 @@ def bench_shape(shape, fmt, rounds: int) -> dict[str, dict[str, tuple[float, flo
 
     def forward_backward(m):
         y = m(xg)
-        torch.autograd.grad(y, [xg, m.weight, m.bias], grad)
+        torch.autograd.grad(y, [xg, *(p for p in m.parameters() if p.requires_grad)], grad)
 
     numel = x.numel()
     calls = max(1, int(2e7 // numel))  # ~tens of ms per timing sample
@@ -129,8 +144,8 @@ def bench_shape(shape, fmt, rounds: int) -> dict[str, dict[str, tuple[float, flo
         for kind, times in per_pass.items():
             # Ratios are paired within a round, then the median is taken: slow drift of the
             # shared machine (other jobs, frequency) cancels out of each pair.
-            paired = [t / ref for t, ref in zip(times, results["torch.nn"][kind])]
-            summary[name][kind] = (statistics.median(times), statistics.median(paired))
+            paired = [t / ref for t, ref in zip(times, results[reference[name]][kind])]
+            summary[name][kind] = (statistics.median(times), statistics.median(paired), reference[name])
     return summary
 
 
@@ -145,25 +160,30 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, training mode, "
           f"median of {rounds} interleaved rounds")
     print(f"STREAM triad: {triad:.1f} GB/s\n")
-    header = f"{'shape':<20s} {'impl':<12s} {'pass':<8s} {'time':>10s} {'GB/s':>7s} {'%triad':>7s} {'vs torch':>9s}"
+    header = (f"{'shape':<20s} {'impl':<18s} {'pass':<8s} {'time':>10s} {'GB/s':>7s} {'%triad':>7s} "
+              f"{'ratio':>7s}  vs")
     print(header)
     print("-" * len(header))
-    worst = {"bnlab": 0.0, "bnlab keras": 0.0, "torch.nn #2": 0.0}
+    bars = {"bnlab": 1.05, "bnlab keras": 1.30, "renorm": 1.5, "ghost": 1.5, "frozen": 1.5,
+            "bnlab LayerNorm": 1.05, "bnlab GroupNorm": 1.05, "bnlab InstanceNorm": 1.5, "torch.nn #2": None}
+    worst = dict.fromkeys(bars, 0.0)
     for label, shape, fmt in SHAPES:
         res = bench_shape(shape, fmt, rounds)
         nbytes = torch.Size(shape).numel() * 4
         for name, times in res.items():
             for kind, passes in (("fwd", 2), ("fwd+bwd", 5)):
-                t, ratio = times[kind]
+                t, ratio, ref = times[kind]
                 gbs = passes * nbytes / t / 1e9
                 if name in worst:
                     worst[name] = max(worst[name], ratio)
-                print(f"{label:<20s} {name:<12s} {kind:<8s} {t * 1e3:>8.3f}ms {gbs:>7.1f} "
-                      f"{100 * gbs / triad:>6.0f}% {ratio:>8.3f}x")
+                print(f"{label:<20s} {name:<18s} {kind:<8s} {t * 1e3:>8.3f}ms {gbs:>7.1f} "
+                      f"{100 * gbs / triad:>6.0f}% {ratio:>6.3f}x  {ref if ref != name else ''}")
         print()
-    print(f"worst ratio torch.nn #2/torch: {worst['torch.nn #2']:.3f} (control: the noise floor)")
-    print(f"worst ratio bnlab/torch:       {worst['bnlab']:.3f} (bar: <= 1.05)")
-    print(f"worst ratio bnlab keras/torch: {worst['bnlab keras']:.3f} (bar: <= 1.30)")
+    for name, bar in bars.items():
+        ref = "torch.nn BatchNorm" if name in ("bnlab", "bnlab keras", "renorm", "ghost", "frozen", "torch.nn #2") \
+            else name.replace("bnlab", "torch")
+        verdict = "control: the noise floor" if bar is None else f"bar <= {bar:.2f}: {'met' if worst[name] <= bar else 'NOT met'}"
+        print(f"worst ratio {name:<18s} vs {ref:<20s} {worst[name]:.3f}  ({verdict})")
 
 
 if __name__ == "__main__":

@@ -190,3 +190,29 @@ def test_bf16_autocast_runs_and_learns():
 def test_train_config_validation(bad):
     with pytest.raises(ValueError):
         TrainConfig(**{"epochs": 1, **bad})
+
+
+@pytest.mark.parametrize("kind", ["layer", "group", "renorm", "ghost", "frozen", "instance"])
+def test_every_norm_kind_builds_stacks_and_trains(kind):
+    arch = "cnn" if kind == "instance" else "mlp"
+    spec = ModelSpec(arch=arch, hidden=(16,), conv_channels=(4,) if arch == "cnn" else (), norm=kind,
+                     virtual_batch_size=8, norm_groups=2)
+    separate = [build_model(spec, seed=s) for s in (0, 1)]
+    stacked = StackedModel([build_model(spec, seed=s) for s in (0, 1)])
+    x = torch.randn(16, 1, 28, 28)
+    out = stacked(x)
+    for k, model in enumerate(separate):
+        torch.testing.assert_close(out[:, k], model(x), rtol=1e-5, atol=1e-5)
+    data = prepare_data(fake_dataset(n_train=256), CFG, spec)
+    trainer = StackedTrainer(spec, CFG.with_(epochs=2), [0, 1], data)
+    trainer.run()
+    _, acc = trainer.evaluate(data.test_x, data.test_y)
+    assert acc.min() > 0.5 or kind == "frozen"  # frozen BN has nothing to learn in the norm itself
+
+
+def test_bias_before_a_mean_subtracting_norm_is_dropped_only_when_asked():
+    for kind in ("batch", "layer", "group", "renorm", "ghost"):
+        model = build_model(ModelSpec(hidden=(8,), norm=kind, bias_before_norm=False, virtual_batch_size=4))
+        assert model[1].bias is None, kind
+    frozen = build_model(ModelSpec(hidden=(8,), norm="frozen", bias_before_norm=False))
+    assert frozen[1].bias is not None  # frozen BN subtracts a constant, not the batch mean

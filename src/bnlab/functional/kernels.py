@@ -18,6 +18,7 @@ the built-in kernels still serve everything it declines.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -73,22 +74,30 @@ def memory_layout(x: Tensor) -> str:
     return "strided"
 
 
+@contextlib.contextmanager
+def corrected_running_var(x: Tensor, running_var: Tensor | None, training: bool, correction: int):
+    """Yield the buffer to hand to ATen so that its update stores ``var * n / (n - correction)``.
+
+    ATen always stores the unbiased ``var * n/(n-1)``. Any other correction c is
+    reached exactly by scaling the buffer by s = (n-1)/(n-c) around the native
+    update: s * ((1-m) * rv/s + m * var*n/(n-1)) = (1-m) * rv + m * var*n/(n-c).
+    That costs two C-sized ops instead of a second pass over the input.
+    """
+    if not (training and running_var is not None and correction != 1 and x.numel() > 0):
+        yield running_var
+        return
+    n = x.numel() // x.size(1)
+    s = (n - 1) / (n - correction)
+    scaled = running_var / s
+    yield scaled
+    with torch.no_grad():
+        running_var.copy_(scaled * s)  # not in place on `scaled`: autograd saved it
+
+
 def _native_kernel(x, running_mean, running_var, weight, bias, training, momentum, eps, correction):
-    if training and running_var is not None and correction != 1 and x.numel() > 0:
-        # ATen always stores var * n/(n-1). Any other correction c is reached
-        # exactly by scaling the buffer by s = (n-1)/(n-c) around the native
-        # update: s * ((1-m) * rv/s + m * var*n/(n-1)) = (1-m) * rv + m * var*n/(n-c).
-        # That costs two C-sized ops instead of a second pass over the input.
-        n = x.numel() // x.size(1)
-        s = (n - 1) / (n - correction)
-        scaled = running_var / s
-        y = torch.batch_norm(x, weight, bias, running_mean, scaled, True, momentum, eps, False)
-        with torch.no_grad():
-            running_var.copy_(scaled * s)  # not in place: autograd saved `scaled`
-        return y
-    return torch.batch_norm(
-        x, weight, bias, running_mean, running_var, training, momentum, eps, torch.backends.cudnn.enabled
-    )
+    with corrected_running_var(x, running_var, training, correction) as rv:
+        return torch.batch_norm(x, weight, bias, running_mean, rv, training, momentum, eps,
+                                torch.backends.cudnn.enabled)
 
 
 def _channel_view(t: Tensor | None, ndim: int) -> Tensor | None:

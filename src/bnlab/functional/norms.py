@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bnlab.functional.core import compute_stats, normalize, update_running_stats
-from bnlab.functional.kernels import select_kernel
+from bnlab.functional.core import compute_stats, normalize
+from bnlab.functional.kernels import corrected_running_var, select_kernel
 
 __all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "batch_renorm", "ghost_batch_norm"]
 
@@ -232,7 +232,7 @@ def batch_renorm(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     training: bool = False,
-    momentum: float = 0.01,
+    momentum: float = 0.1,
     eps: float = 1e-5,
     *,
     r_max: float = 3.0,
@@ -244,39 +244,45 @@ def batch_renorm(
 
     **During training**, with batch statistics :math:`\mu_B, \sigma_B =
     \sqrt{\mathrm{Var}_B + \epsilon}` and running ones :math:`\mu, \sigma =
-    \sqrt{\text{running\_var} + \epsilon}`:
+    \sqrt{\text{running\_var} + \epsilon}` (their values before this step):
 
     .. math::
         r = \mathrm{clip}_{[1/r_{max},\, r_{max}]}(\sigma_B / \sigma), \quad
         d = \mathrm{clip}_{[-d_{max},\, d_{max}]}((\mu_B - \mu) / \sigma), \quad
         y = \gamma \left(\frac{x - \mu_B}{\sigma_B} r + d\right) + \beta
 
-    with no gradient through ``r`` and ``d``; the running statistics are then
+    with no gradient through ``r`` and ``d``; the running statistics are
     updated exactly as in :func:`batch_norm`. **During inference** it is batch
     norm with the running statistics. With ``r_max=1, d_max=0`` it is batch norm.
 
-    The correction only changes the affine part, so the normalization itself is
-    torch's native batch-norm kernel with :math:`\gamma' = \gamma r` and
-    :math:`\beta' = \beta + \gamma d`, after one pass for the batch statistics.
+    Implementation: a first native batch-norm call without autograd gives
+    :math:`\mu_B` and :math:`1/\sigma_B` and updates the buffers; a second is
+    batch norm with :math:`\gamma' = \gamma r` and :math:`\beta' = \beta + \gamma d`.
     """
     if not training:
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
     if r_max < 1 or d_max < 0:
         raise ValueError(f"need r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
+    if input.numel() == 0:
+        return batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
     _check_enough_values(input)
-    reduce_dims = [0, *range(2, input.dim())]
     with torch.no_grad():
-        batch_mean, batch_var = compute_stats(input, reduce_dims)
-        sigma = torch.sqrt(running_var + eps)
-        r = (torch.sqrt(batch_var + eps) / sigma).clamp(1.0 / r_max, r_max)
-        d = ((batch_mean - running_mean) / sigma).clamp(-d_max, d_max)
-        if input.numel() > 0:
-            new_mean, new_var = running_mean.clone(), running_var.clone()
-            update_running_stats(new_mean, new_var, batch_mean, batch_var, input.numel() // input.size(1),
-                                 momentum=momentum, correction=running_var_correction)
-            keep = torch.isfinite(new_mean).all() & torch.isfinite(new_var).all() if skip_nonfinite_update else True
-            running_mean.copy_(torch.where(keep, new_mean, running_mean) if skip_nonfinite_update else new_mean)
-            running_var.copy_(torch.where(keep, new_var, running_var) if skip_nonfinite_update else new_var)
+        old_mean, old_sigma = running_mean.clone(), torch.sqrt(running_var + eps)
+        target_mean, target_var = running_mean, running_var
+        if skip_nonfinite_update:
+            target_mean, target_var = running_mean.clone(), running_var.clone()
+        # Pass 1, no autograd: the batch statistics (and the running update, natively).
+        with corrected_running_var(input, target_var, True, running_var_correction) as rv:
+            _, batch_mean, batch_invstd = torch.native_batch_norm(input, None, None, target_mean, rv, True,
+                                                                  momentum, eps)
+        r = (1.0 / (batch_invstd * old_sigma)).clamp(1.0 / r_max, r_max)
+        d = ((batch_mean - old_mean) / old_sigma).clamp(-d_max, d_max)
+        if skip_nonfinite_update:
+            keep = torch.isfinite(target_mean).all() & torch.isfinite(target_var).all()
+            running_mean.copy_(torch.where(keep, target_mean, running_mean))
+            running_var.copy_(torch.where(keep, target_var, running_var))
+    # Pass 2: batch norm whose affine absorbs the correction; its fused backward gives
+    # dgamma and dbeta (a separate affine step would need two slow per-channel reductions).
     scale = r if weight is None else weight * r
     shift = d if weight is None else weight * d
     if bias is not None:
@@ -303,12 +309,14 @@ def ghost_batch_norm(
     with its own statistics.
 
     **During training**, a batch of N = G·v samples is split into G ghost
-    batches of v consecutive samples. The running statistics are updated
+    batches of v consecutive samples, each normalized as a batch of its own.
+    The running statistics are updated
 
-    * ``update="per_ghost"``: once per ghost batch, in order, as calling batch
-      norm on each chunk would (``torch.chunk`` + ``BatchNorm``);
-    * ``update="averaged"``: once per step with the average of the G ghost
-      statistics (tf.keras 2 ``virtual_batch_size``).
+    * ``update="per_ghost"``: once per ghost batch, in order, exactly as
+      calling batch norm on each ``torch.chunk`` of the batch;
+    * ``update="averaged"``: once per step with the average of the G
+      per-ghost updates, i.e. with the average ghost mean and variance
+      (tf.keras 2 ``virtual_batch_size``).
 
     A batch of at most v samples is one ghost batch (plain batch norm); a
     larger batch must be a multiple of v. **During inference** it is batch norm
@@ -319,49 +327,30 @@ def ghost_batch_norm(
     if virtual_batch_size < 2:
         raise ValueError(f"virtual_batch_size must be at least 2, got {virtual_batch_size}")
     n = input.size(0)
+    options = dict(running_var_correction=running_var_correction, skip_nonfinite_update=skip_nonfinite_update)
     if not training or n <= virtual_batch_size:
-        return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                          running_var_correction=running_var_correction, skip_nonfinite_update=skip_nonfinite_update)
+        return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, **options)
     if n % virtual_batch_size:
         raise ValueError(
             f"ghost batch norm got a batch of {n}, which is not a multiple of virtual_batch_size="
             f"{virtual_batch_size}. Use a batch size that is a multiple of it (and drop_last=True in the "
             "DataLoader so the last batch is too), or a virtual_batch_size that divides the batch size."
         )
-    ghosts, c, rest = n // virtual_batch_size, input.size(1), input.shape[2:]
-    # (N, C, *) -> (v, G*C, *): ghost g's channels become channels g*C..g*C+C-1 of one batch norm
-    grouped = input.reshape(ghosts, virtual_batch_size, c, *rest).transpose(0, 1).reshape(
-        virtual_batch_size, ghosts * c, *rest)
+    # Chunks along dim 0 are views, contiguous in NCHW and in channels_last alike: no copies in.
+    chunks = input.split(virtual_batch_size)
     tracked = running_mean is not None and running_var is not None
-    temp_mean = running_mean.repeat(ghosts) if tracked else None
-    temp_var = running_var.repeat(ghosts) if tracked else None
-    y = batch_norm(
-        grouped, temp_mean, temp_var,
-        None if weight is None else weight.repeat(ghosts), None if bias is None else bias.repeat(ghosts),
-        True, momentum, eps, running_var_correction=running_var_correction,
-        skip_nonfinite_update=skip_nonfinite_update,  # a skipped update leaves the temps = running: folds to no change
-    )
-    if tracked:
+    if update == "per_ghost" or not tracked:
+        outputs = [batch_norm(chunk, running_mean, running_var, weight, bias, True, momentum, eps, **options)
+                   for chunk in chunks]
+    else:
+        # every ghost updates its own copy from the same start; their average is the averaged update
+        copies = [(running_mean.clone(), running_var.clone()) for _ in chunks]
+        outputs = [batch_norm(chunk, m, v, weight, bias, True, momentum, eps, **options)
+                   for chunk, (m, v) in zip(chunks, copies)]
         with torch.no_grad():
-            for running, temp in ((running_mean, temp_mean), (running_var, temp_var)):
-                _fold_ghost_updates(running, temp.view(ghosts, c), momentum, update)
-    return y.reshape(virtual_batch_size, ghosts, c, *rest).transpose(0, 1).reshape(input.shape)
-
-
-def _fold_ghost_updates(running: Tensor, temps: Tensor, momentum: float, update: str) -> None:
-    """Each temps[g] = (1-m)·running + m·s_g (one batch-norm update from the same start).
-
-    averaged:  (1-m)·running + m·mean_g(s_g)                 = mean_g(temps[g])
-    per_ghost: (1-m)^G·running + Σ_g (1-m)^(G-1-g)·m·s_g     (G updates in sequence)
-    """
-    if update == "averaged":
-        running.copy_(temps.mean(0))
-        return
-    keep = 1.0 - momentum
-    ghosts = temps.size(0)
-    contributions = temps - keep * running  # m·s_g
-    weights = torch.tensor([keep ** (ghosts - 1 - g) for g in range(ghosts)], dtype=running.dtype)
-    running.copy_(keep**ghosts * running + (weights.unsqueeze(1) * contributions).sum(0))
+            running_mean.copy_(torch.stack([m for m, _ in copies]).mean(0))
+            running_var.copy_(torch.stack([v for _, v in copies]).mean(0))
+    return torch.cat(outputs)
 
 
 def _check_kernel_name(kernel: str | None) -> None:

@@ -27,9 +27,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnlab.nn.frozen import _FrozenBatchNorm
+
 __all__ = ["StackedModel"]
 
 _ELEMENTWISE = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.Dropout, nn.Identity, nn.MaxPool2d)
+_NORMS = (_BatchNorm, _FrozenBatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
 
 class StackedLinear(nn.Module):
@@ -103,37 +106,70 @@ class StackedConv2d(nn.Module):
 
 
 class StackedNorm(nn.Module):
-    """K batch norms as one of K*C channels over ``(B, K, C)`` or ``(B, K*C, H, W)``."""
+    """K normalization layers as one over ``(B, K, C)`` or ``(B, K*C, H, W)``.
 
-    def __init__(self, layers: list[_BatchNorm]):
+    Channel-wise norms (the batch-norm family, frozen batch norm, instance norm,
+    group norm) become one layer of K*C channels (group norm: K*G groups, so
+    no group straddles two models). Layer norm over the features of each
+    model keeps the ``(B, K, C)`` layout and a ``(K, C)`` affine.
+    """
+
+    _PER_CHANNEL = ("weight", "bias", "running_mean", "running_var")
+
+    def __init__(self, layers: list[nn.Module]):
         super().__init__()
         proto = layers[0]
-        self.k, self.c = len(layers), proto.num_features
-        self.norm = copy.deepcopy(proto)  # same class, convention, eps, momentum, flags
-        self.norm.num_features = self.k * self.c
-        for name in ("weight", "bias"):
-            if getattr(proto, name) is not None:
-                setattr(self.norm, name, nn.Parameter(torch.cat([getattr(l, name).detach() for l in layers]).clone()))
-        for name in ("running_mean", "running_var"):
-            if getattr(proto, name) is not None:
-                self.norm.register_buffer(name, torch.cat([getattr(l, name) for l in layers]).clone())
+        self.k = len(layers)
+        self.layer_norm = isinstance(proto, nn.LayerNorm)
+        if self.layer_norm:
+            if len(proto.normalized_shape) != 1:
+                raise TypeError("only layer norm over the last dim can be stacked")
+            self.c, self.eps = proto.normalized_shape[0], proto.eps
+            self.weight = _stack_param([l.weight for l in layers])
+            self.bias = _stack_param([l.bias for l in layers])
+            return
+        self.c = proto.num_channels if isinstance(proto, nn.GroupNorm) else proto.num_features
+        self.norm = copy.deepcopy(proto)  # same class and options (convention, eps, momentum, ...)
+        if isinstance(proto, nn.GroupNorm):
+            self.norm.num_groups, self.norm.num_channels = self.k * proto.num_groups, self.k * self.c
+        else:
+            self.norm.num_features = self.k * self.c
+        for name in self._PER_CHANNEL:
+            value = getattr(proto, name, None)
+            if value is None:
+                continue
+            stacked = torch.cat([getattr(l, name).detach() for l in layers]).clone()
+            if isinstance(value, nn.Parameter):
+                setattr(self.norm, name, nn.Parameter(stacked))
+            else:
+                self.norm.register_buffer(name, stacked)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.layer_norm:  # (B, K, C): per (sample, model) over C
+            y = nn.functional.layer_norm(x, (self.c,), None, None, self.eps)
+            if self.weight is not None:
+                y = y * self.weight
+            return y + self.bias if self.bias is not None else y
         if x.dim() == 3:  # (B, K, C)
             b = len(x)
             return self.norm(x.reshape(b, self.k * self.c)).view(b, self.k, self.c)
         return self.norm(x)
 
     def unstacked(self, k: int) -> dict[str, Tensor]:
+        if self.layer_norm:
+            return {name: getattr(self, name)[k] for name in ("weight", "bias") if getattr(self, name) is not None}
         block = slice(k * self.c, (k + 1) * self.c)
-        d = {}
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            t = getattr(self.norm, name)
-            if t is not None:
-                d[name] = t[block]
-        if self.norm.num_batches_tracked is not None:
+        d = {name: getattr(self.norm, name)[block] for name in self._PER_CHANNEL
+             if getattr(self.norm, name, None) is not None}
+        if getattr(self.norm, "num_batches_tracked", None) is not None:
             d["num_batches_tracked"] = self.norm.num_batches_tracked
         return d
+
+
+def _stack_param(tensors: list[Tensor | None]) -> nn.Parameter | None:
+    if tensors[0] is None:
+        return None
+    return nn.Parameter(torch.stack([t.detach() for t in tensors]).clone())
 
 
 class StackedFlatten(nn.Module):
@@ -176,7 +212,7 @@ class StackedModel(nn.Module):
             elif isinstance(proto, nn.Conv2d):
                 layers.append(StackedConv2d(list(group), shared))
                 shared = False
-            elif isinstance(proto, _BatchNorm):
+            elif isinstance(proto, _NORMS):
                 if shared:
                     raise TypeError("a norm before the first linear/conv layer cannot be stacked")
                 layers.append(StackedNorm(list(group)))

@@ -20,7 +20,9 @@ import bnlab.nn as bnn
 __all__ = ["ModelSpec", "build_model", "ACTIVATIONS", "NORMS"]
 
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
-NORMS = ("none", "batch")  # grows with bnlab.nn.make_norm (issue 5)
+NORMS = bnn.NORM_KINDS
+_BATCH_STAT_NORMS = ("batch", "renorm", "ghost")  # the kinds with a convention (momentum direction)
+_MEAN_SUBTRACTING = ("batch", "renorm", "ghost", "layer", "group", "instance")  # make a preceding bias redundant
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,13 @@ class ModelSpec:
         hidden: MLP hidden widths, or the CNN's dense widths after the convolutions.
         conv_channels: CNN 3x3 "valid" convolutions, each followed by 2x2 max-pooling.
         activation: ``relu``, ``sigmoid`` or ``tanh``.
-        norm: ``none`` or ``batch``.
-        norm_convention: ``torch`` or ``keras`` (see :class:`bnlab.nn.BatchNorm1d`).
+        norm: a :data:`bnlab.nn.NORM_KINDS` name (``none``, ``batch``, ``layer``,
+            ``group``, ``instance``, ``renorm``, ``ghost``, ``frozen``). ``instance``
+            needs a CNN and applies to its convolution blocks only.
+        norm_convention: ``torch`` or ``keras`` for the batch-statistics kinds
+            (see :class:`bnlab.nn.BatchNorm1d`).
+        norm_groups: group count for ``group`` (0: :func:`bnlab.nn.default_groups`).
+        virtual_batch_size: ghost-batch size for ``ghost``.
         placement: ``before`` (linear → norm → activation, as Ioffe & Szegedy and
             the seeds recommend) or ``after`` (linear → activation → norm).
         dropout: dropout rate after each hidden block (0 disables it).
@@ -62,6 +69,8 @@ class ModelSpec:
     init_scale: float = 0.01
     norm_output: bool = False
     classes: int = 10
+    norm_groups: int = 0
+    virtual_batch_size: int = 32
 
     def __post_init__(self):
         _check_choice("arch", self.arch, ("mlp", "cnn"))
@@ -73,6 +82,8 @@ class ModelSpec:
         _check_choice("init", self.init, ("torch", "glorot", "normal"))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.norm == "instance" and self.arch != "cnn":
+            raise ValueError("instance norm needs spatial dims: use it with arch='cnn'")
         if self.arch == "cnn" and not self.conv_channels:
             raise ValueError("a cnn needs at least one entry in conv_channels")
         if any(w < 1 for w in (*self.hidden, *self.conv_channels)):
@@ -101,8 +112,16 @@ def _check_choice(name, value, choices):
 
 
 def _norm(spec: ModelSpec, features: int, spatial: bool) -> nn.Module:
-    cls = bnn.BatchNorm2d if spatial else bnn.BatchNorm1d
-    return cls(features, convention=spec.norm_convention)
+    options: dict = {}
+    if spec.norm in _BATCH_STAT_NORMS:
+        options["convention"] = spec.norm_convention
+    if spec.norm == "group" and spec.norm_groups:
+        options["num_groups"] = spec.norm_groups
+    if spec.norm == "ghost":
+        options["virtual_batch_size"] = spec.virtual_batch_size
+    if spec.norm == "instance":
+        options["affine"] = True  # a learnable scale and shift, like every other kind here
+    return bnn.make_norm(spec.norm, features, spatial=spatial, **options)
 
 
 def _block(spec: ModelSpec, layer: nn.Module, features: int, spatial: bool) -> list[nn.Module]:
@@ -129,7 +148,7 @@ def build_model(spec: ModelSpec, *, seed: int | None = None) -> nn.Sequential:
     if seed is not None:
         torch.manual_seed(seed)
     layers: list[nn.Module] = []
-    keep_bias = spec.norm == "none" or spec.bias_before_norm or spec.placement == "after"
+    keep_bias = spec.norm not in _MEAN_SUBTRACTING or spec.bias_before_norm or spec.placement == "after"
     if spec.arch == "mlp":
         layers.append(nn.Flatten())
         width = 28 * 28
@@ -142,11 +161,14 @@ def build_model(spec: ModelSpec, *, seed: int | None = None) -> nn.Sequential:
             channels, side = out, (side - 2) // 2
         layers.append(nn.Flatten())
         width = channels * side * side
+    # Instance norm has nothing to normalize over after a dense layer: those blocks go without.
+    dense_spec = spec.with_(norm="none") if spec.norm == "instance" else spec
+    dense_bias = keep_bias or dense_spec.norm == "none"
     for hidden in spec.hidden:
-        layers += _block(spec, nn.Linear(width, hidden, bias=keep_bias), hidden, spatial=False)
+        layers += _block(dense_spec, nn.Linear(width, hidden, bias=dense_bias), hidden, spatial=False)
         width = hidden
     layers.append(nn.Linear(width, spec.classes))
-    if spec.norm_output and spec.norm != "none":
+    if spec.norm_output and spec.norm not in ("none", "instance"):
         layers.append(_norm(spec, spec.classes, spatial=False))
     model = nn.Sequential(*layers)
     _initialize(model, spec)

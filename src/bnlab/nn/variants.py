@@ -155,6 +155,9 @@ _GHOST_DOC = r"""Ghost batch normalization (Hoffer, Hubara & Soudry 2017) over {
     * ``update="averaged"``: once per step with the average of the ghost
       statistics, as tf.keras 2's ``virtual_batch_size`` does.
 
+    With ``skip_nonfinite_update``, each ghost batch is guarded on its own:
+    a NaN/Inf ghost batch skips its update, the others still count.
+
     **During inference** it is batch norm with the running statistics (no ghosts).
 
     Args:

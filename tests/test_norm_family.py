@@ -1,0 +1,375 @@
+"""The normalization family against its references: torch.nn, NumPy one-liners, Keras 3, and each other."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import bnlab.functional as BF
+import bnlab.nn as bnn
+
+F32 = dict(rtol=1e-5, atol=1e-5)
+
+
+def _twin(ours_cls, theirs_cls, *args, **kwargs):
+    ours, theirs = ours_cls(*args, **kwargs), theirs_cls(*args, **kwargs)
+    with torch.no_grad():
+        for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+            p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name == "weight" else 0.0))
+            q.copy_(p)
+    return ours, theirs
+
+
+def _fwd_bwd(module, x, upstream):
+    x = x.detach().clone().requires_grad_(True)
+    y = module(x)
+    y.backward(upstream)
+    grads = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    return [y.detach(), x.grad, *grads]
+
+
+# -- LayerNorm / GroupNorm / InstanceNorm against torch.nn -------------------------------------------
+
+
+@pytest.mark.parametrize("shape,normalized", [((8, 16), (16,)), ((4, 5, 6), (6,)), ((2, 3, 4, 5), (3, 4, 5))])
+@pytest.mark.parametrize("kwargs", [{}, {"elementwise_affine": False}, {"bias": False}])
+def test_layer_norm_matches_torch(shape, normalized, kwargs):
+    ours, theirs = _twin(bnn.LayerNorm, nn.LayerNorm, normalized, **kwargs)
+    x, up = torch.randn(shape) * 3 + 1, torch.randn(shape)
+    for a, b in zip(_fwd_bwd(ours, x, up), _fwd_bwd(theirs, x, up)):
+        torch.testing.assert_close(a, b, **F32)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert isinstance(ours, nn.LayerNorm)
+
+
+@pytest.mark.parametrize("groups,channels,shape", [(2, 6, (4, 6)), (3, 6, (4, 6, 5)), (4, 8, (2, 8, 3, 3)), (1, 5, (3, 5, 2, 2))])
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm_matches_torch(groups, channels, shape, affine):
+    ours, theirs = _twin(bnn.GroupNorm, nn.GroupNorm, groups, channels, affine=affine)
+    x, up = torch.randn(shape) * 2 - 1, torch.randn(shape)
+    for a, b in zip(_fwd_bwd(ours, x, up), _fwd_bwd(theirs, x, up)):
+        torch.testing.assert_close(a, b, **F32)
+
+
+def test_group_norm_bad_group_count_message_matches_torch():
+    with pytest.raises(ValueError) as ours:
+        bnn.GroupNorm(3, 8)
+    with pytest.raises(ValueError) as theirs:
+        nn.GroupNorm(3, 8)
+    assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize("cls,torch_cls,shape", [
+    (bnn.InstanceNorm1d, nn.InstanceNorm1d, (3, 4, 7)),
+    (bnn.InstanceNorm2d, nn.InstanceNorm2d, (3, 4, 5, 5)),
+    (bnn.InstanceNorm3d, nn.InstanceNorm3d, (2, 4, 3, 3, 3)),
+    (bnn.InstanceNorm2d, nn.InstanceNorm2d, (4, 5, 5)),  # unbatched
+])
+@pytest.mark.parametrize("kwargs", [{}, {"affine": True}, {"track_running_stats": True, "affine": True}])
+def test_instance_norm_matches_torch(cls, torch_cls, shape, kwargs):
+    channels = shape[1] if len(shape) > 3 or cls is bnn.InstanceNorm1d else shape[0]
+    ours, theirs = _twin(cls, torch_cls, channels, **kwargs)
+    assert ours.affine == theirs.affine and (kwargs or ours.affine is False)  # torch's default affine=False
+    for _ in range(2):
+        x, up = torch.randn(shape) * 2 + 0.5, torch.randn(shape)
+        for a, b in zip(_fwd_bwd(ours, x, up), _fwd_bwd(theirs, x, up)):
+            torch.testing.assert_close(a, b, **F32)
+    ours.eval(), theirs.eval()
+    x = torch.randn(shape)
+    torch.testing.assert_close(ours(x), theirs(x), **F32)
+    for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()):
+        torch.testing.assert_close(a, b, **F32)
+
+
+@pytest.mark.parametrize("fn,args", [
+    (BF.layer_norm, ((5,),)),
+    (BF.group_norm, (1,)),
+])
+def test_composite_kernels_match_native(fn, args):
+    x = torch.randn(4, 5, 3, 3) * 2 + 1
+    w, b = torch.rand(5) + 0.5, torch.randn(5)
+    if fn is BF.layer_norm:
+        x = torch.randn(4, 3, 5)
+    torch.testing.assert_close(fn(x, *args, w, b, 1e-5, kernel="composite"), fn(x, *args, w, b, 1e-5), **F32)
+
+
+def test_instance_norm_composite_matches_native_with_running_stats():
+    x = torch.randn(3, 4, 6, 6) * 2 + 1
+    states = [(torch.zeros(4), torch.ones(4)) for _ in range(2)]
+    outs = [BF.instance_norm(x, rm, rv, None, None, True, 0.3, 1e-5, kernel=k) for (rm, rv), k in zip(states, ["composite", None])]
+    torch.testing.assert_close(outs[0], outs[1], **F32)
+    torch.testing.assert_close(states[0][1], states[1][1], **F32)
+
+
+# -- one-liner oracles and equivalences ---------------------------------------------------------------
+
+
+@given(n=st.integers(1, 5), c=st.sampled_from([2, 4, 6]), hw=st.integers(1, 4), seed=st.integers(0, 999))
+def test_group_norm_against_numpy_one_liner(n, c, hw, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(1.0, 2.0, size=(n, c, hw, hw)).astype(np.float32)
+    groups = 2
+    xg = x.reshape(n, groups, -1).astype(np.float64)
+    want = ((xg - xg.mean(-1, keepdims=True)) / np.sqrt(xg.var(-1, keepdims=True) + 1e-5)).reshape(x.shape)
+    got = bnn.GroupNorm(groups, c, affine=False)(torch.from_numpy(x)).double().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_group_norm_1_equals_layer_norm_over_chw():
+    x = torch.randn(4, 6, 5, 5) * 3
+    gn = bnn.GroupNorm(1, 6, affine=False)
+    ln = bnn.LayerNorm((6, 5, 5), elementwise_affine=False)
+    torch.testing.assert_close(gn(x), ln(x), **F32)
+
+
+def test_group_norm_c_equals_instance_norm():
+    x = torch.randn(4, 6, 5, 5) * 3
+    torch.testing.assert_close(bnn.GroupNorm(6, 6, affine=False)(x), bnn.InstanceNorm2d(6)(x), **F32)
+
+
+# -- Batch renormalization -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls,shape", [(bnn.BatchRenorm1d, (16, 5)), (bnn.BatchRenorm2d, (8, 3, 4, 4)),
+                                       (bnn.BatchRenorm3d, (4, 3, 2, 3, 3))])
+@pytest.mark.parametrize("convention", ["torch", "keras"])
+def test_renorm_with_r1_d0_is_batch_norm(cls, shape, convention):
+    renorm = cls(shape[1], r_max=1.0, d_max=0.0, convention=convention)
+    bn = bnn.make_norm("batch", shape[1], spatial=len(shape) > 2, convention=convention) if len(shape) < 5 else \
+        bnn.BatchNorm3d(shape[1], convention=convention)
+    bn.load_state_dict(renorm.state_dict())
+    for step in range(4):
+        x, up = torch.randn(shape) * (step + 1) + step, torch.randn(shape)
+        for a, b in zip(_fwd_bwd(renorm, x, up), _fwd_bwd(bn, x, up)):
+            torch.testing.assert_close(a, b, **F32)
+        torch.testing.assert_close(renorm.running_var, bn.running_var, **F32)
+    renorm.eval(), bn.eval()
+    x = torch.randn(shape)
+    torch.testing.assert_close(renorm(x), bn(x), **F32)
+
+
+def test_renorm_against_the_paper_formula():
+    torch.manual_seed(3)
+    layer = bnn.BatchRenorm1d(4, momentum=0.2, r_max=1.5, d_max=0.5)
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.tensor([0.0, 1.0, -2.0, 0.5]))
+        layer.running_var.copy_(torch.tensor([1.0, 4.0, 0.25, 9.0]))
+        layer.weight.copy_(torch.tensor([1.0, 2.0, 0.5, 1.5]))
+        layer.bias.copy_(torch.tensor([0.0, -1.0, 1.0, 0.2]))
+    x = (torch.randn(32, 4) * 2).double()
+    mu, var = x.mean(0), x.var(0, unbiased=False)
+    sigma_b = (var + layer.eps).sqrt()
+    rm, rv = layer.running_mean.double(), layer.running_var.double()
+    sigma = (rv + layer.eps).sqrt()
+    r = (sigma_b / sigma).clamp(1 / 1.5, 1.5)
+    d = ((mu - rm) / sigma).clamp(-0.5, 0.5)
+    want = layer.weight.double() * ((x - mu) / sigma_b * r + d) + layer.bias.double()
+    got = layer(x.float())
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    assert (r != sigma_b / sigma).any() and (d != (mu - rm) / sigma).any()  # clipping was exercised
+    torch.testing.assert_close(layer.running_var.double(), 0.8 * rv + 0.2 * x.var(0, unbiased=True), rtol=1e-5, atol=1e-5)
+
+
+def test_renorm_has_no_gradient_through_r_and_d():
+    # With r and d stop-gradient, d y / d x equals BN's gradient scaled by r (d only shifts).
+    layer = bnn.BatchRenorm1d(3, r_max=10.0, d_max=10.0, affine=False)
+    with torch.no_grad():
+        layer.running_var.fill_(4.0)
+        layer.running_mean.fill_(1.0)
+    x = torch.randn(16, 3, dtype=torch.float64, requires_grad=True)
+    layer = layer.double()
+    up = torch.randn(16, 3, dtype=torch.float64)
+    layer(x).backward(up)
+    sigma_b = (x.detach().var(0, unbiased=False) + layer.eps).sqrt()
+    r = sigma_b / (4.0 + layer.eps) ** 0.5
+    x2 = x.detach().clone().requires_grad_(True)
+    nn.functional.batch_norm(x2, None, None, training=True, eps=layer.eps).backward(up * r)
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_renorm_schedule_follows_the_paper():
+    s = bnn.RenormSchedule()
+    assert s.limits(0) == (1.0, 0.0) and s.limits(5000) == (1.0, 0.0)
+    assert s.limits(25000)[1] == 5.0 and s.limits(40000)[0] == 3.0
+    r, d = s.limits(15000)
+    assert 1 < r < 3 and 0 < d < 5
+    layer = bnn.BatchRenorm1d(3, schedule=bnn.RenormSchedule(start=2, r_full=4, d_full=4))
+    seen = []
+    for _ in range(5):
+        layer(torch.randn(8, 3))
+        seen.append(layer.current_limits())
+    assert seen[0] == (1.0, 0.0) and seen[-1] == (3.0, 5.0)
+
+
+def test_renorm_needs_running_stats_and_valid_limits():
+    with pytest.raises(ValueError, match="r_max >= 1"):
+        bnn.BatchRenorm1d(3, r_max=0.5)
+    with pytest.raises(TypeError):
+        bnn.BatchRenorm1d(3, track_running_stats=False)
+
+
+def test_renorm_inference_matches_keras():
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    keras = pytest.importorskip("keras")
+    theirs = keras.layers.BatchNormalization(axis=1, renorm=True, momentum=0.9, epsilon=1e-3,
+                                             renorm_clipping={"rmax": 3.0, "rmin": 1 / 3, "dmax": 5.0})
+    theirs.build((16, 4))
+    for step in range(5):
+        theirs(torch.randn(16, 4) * (2 + step) + step, training=True)
+    ours = bnn.BatchRenorm1d(4, convention="keras", momentum=0.9, eps=1e-3)
+    with torch.no_grad():
+        ours.weight.copy_(theirs.gamma.value), ours.bias.copy_(theirs.beta.value)
+        ours.running_mean.copy_(theirs.moving_mean.value), ours.running_var.copy_(theirs.moving_variance.value)
+    ours.eval()
+    x = torch.randn(16, 4) * 3
+    torch.testing.assert_close(ours(x), theirs(x, training=False).detach(), rtol=2e-5, atol=2e-5)
+
+
+# -- Ghost batch norm -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(32, 5), (32, 3, 4, 4)])
+@pytest.mark.parametrize("update", ["per_ghost", "averaged"])
+def test_ghost_normalizes_each_ghost_batch_separately(shape, update):
+    cls = bnn.GhostBatchNorm1d if len(shape) == 2 else bnn.GhostBatchNorm2d
+    ghost = cls(shape[1], virtual_batch_size=8, update=update, momentum=0.3)
+    plain = bnn.BatchNorm1d(shape[1], momentum=0.3) if len(shape) == 2 else bnn.BatchNorm2d(shape[1], momentum=0.3)
+    plain.load_state_dict(ghost.state_dict())
+    with torch.no_grad():
+        for m in (ghost, plain):
+            m.weight.copy_(torch.linspace(0.5, 1.5, shape[1]))
+    x = torch.randn(shape) * 2 + torch.arange(shape[0]).view(-1, *([1] * (len(shape) - 1))) * 0.1
+    x.requires_grad_(True)
+    y = ghost(x)
+    # reference: batch norm on each chunk; per_ghost = its sequential running updates
+    pieces = []
+    ref_mean, ref_var = plain.running_mean.clone(), plain.running_var.clone()
+    chunk_stats = []
+    for chunk in x.detach().chunk(4):
+        pieces.append(plain(chunk))
+        dims = [0, *range(2, chunk.dim())]
+        chunk_stats.append((chunk.mean(dims), chunk.var(dims, unbiased=True)))
+    torch.testing.assert_close(y.detach(), torch.cat(pieces).detach(), **F32)
+    if update == "per_ghost":
+        want_mean, want_var = plain.running_mean, plain.running_var
+    else:
+        want_mean = 0.7 * ref_mean + 0.3 * torch.stack([m for m, _ in chunk_stats]).mean(0)
+        want_var = 0.7 * ref_var + 0.3 * torch.stack([v for _, v in chunk_stats]).mean(0)
+    torch.testing.assert_close(ghost.running_mean, want_mean, **F32)
+    torch.testing.assert_close(ghost.running_var, want_var, **F32)
+    y.sum().backward()  # gradients flow back through the ghost reshapes
+    assert x.grad.shape == x.shape
+
+
+def test_ghost_with_virtual_size_equal_to_batch_is_batch_norm():
+    ghost, plain = bnn.GhostBatchNorm1d(4, virtual_batch_size=16), bnn.BatchNorm1d(4)
+    x, up = torch.randn(16, 4) * 3, torch.randn(16, 4)
+    for a, b in zip(_fwd_bwd(ghost, x, up), _fwd_bwd(plain, x, up)):
+        torch.testing.assert_close(a, b, **F32)
+    torch.testing.assert_close(ghost.running_var, plain.running_var)
+
+
+def test_ghost_rejects_indivisible_batches_clearly():
+    layer = bnn.GhostBatchNorm1d(4, virtual_batch_size=8)
+    with pytest.raises(ValueError, match="not a multiple of virtual_batch_size=8.*drop_last=True"):
+        layer(torch.randn(20, 4))
+    layer(torch.randn(6, 4))  # smaller than one ghost batch: plain batch norm
+    layer.eval()
+    layer(torch.randn(20, 4))  # inference has no ghosts
+
+
+def test_ghost_skip_nonfinite_update_skips_only_the_bad_ghost_batch():
+    layer = bnn.GhostBatchNorm1d(3, virtual_batch_size=4, skip_nonfinite_update=True)
+    good_only = bnn.BatchNorm1d(3)
+    x = torch.randn(8, 3)
+    x[5, 1] = float("inf")  # in the second ghost batch
+    layer(x)
+    good_only(x[:4])
+    torch.testing.assert_close(layer.running_var, good_only.running_var)
+    torch.testing.assert_close(layer.running_mean, good_only.running_mean)
+
+
+# -- Frozen batch norm ------------------------------------------------------------------------------------
+
+
+def _trained_bn(cls=bnn.BatchNorm2d, shape=(8, 4, 3, 3)):
+    bn = cls(shape[1])
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.normal_()
+    for _ in range(3):
+        bn(torch.randn(shape) * 2 + 1)
+    return bn.eval()
+
+
+def test_frozen_is_a_fixed_affine_map_equal_to_eval_batch_norm():
+    bn = _trained_bn()
+    frozen = bnn.FrozenBatchNorm2d(4)
+    frozen.load_state_dict(bn.state_dict())
+    x = torch.randn(5, 4, 3, 3, requires_grad=True)
+    torch.testing.assert_close(frozen(x), bn(x), **F32)
+    frozen.train()
+    y = frozen(x)  # train mode changes nothing
+    torch.testing.assert_close(y, bn(x), **F32)
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    one_liner = x * scale.view(1, -1, 1, 1) + (bn.bias - bn.running_mean * scale).view(1, -1, 1, 1)
+    torch.testing.assert_close(y, one_liner, **F32)
+    assert list(frozen.parameters()) == [] and set(frozen.state_dict()) == set(bn.state_dict())
+
+
+def test_frozen_detectron2_convention_is_identity_at_init():
+    x = torch.randn(3, 4, 2, 2)
+    assert torch.equal(bnn.FrozenBatchNorm2d(4, convention="detectron2")(x), x)
+    assert not torch.equal(bnn.FrozenBatchNorm2d(4)(x), x)
+
+
+def test_frozen_loads_a_checkpoint_without_counter():
+    state = {k: v for k, v in _trained_bn().state_dict().items() if k != "num_batches_tracked"}
+    bnn.FrozenBatchNorm2d(4).load_state_dict(state)
+
+
+def test_freeze_batchnorm_survives_model_train_and_unfreeze_restores():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Sequential(nn.Flatten(), nn.Linear(4 * 4 * 4, 6), bnn.BatchNorm1d(6)))
+    model(torch.randn(8, 3, 6, 6))
+    model.eval()
+    x = torch.randn(2, 3, 6, 6)
+    before = model(x)
+    frozen = bnn.freeze_batchnorm(model)
+    assert frozen is model
+    assert isinstance(model[1], bnn.FrozenBatchNorm2d) and isinstance(model[3][2], bnn.FrozenBatchNorm1d)
+    model.train()  # the classic trap: this would re-enable statistic updates on a plain BN
+    torch.testing.assert_close(model(x), before, **F32)
+    model(torch.randn(16, 3, 6, 6) * 5)
+    torch.testing.assert_close(model(x), before, **F32)  # nothing moved
+    bnn.unfreeze_batchnorm(model)
+    assert isinstance(model[1], bnn.BatchNorm2d) and model[1].weight.requires_grad
+    model.eval()
+    torch.testing.assert_close(model(x), before, **F32)
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        bnn.freeze_batchnorm(nn.Sequential(nn.BatchNorm1d(3, track_running_stats=False)))
+
+
+# -- make_norm ----------------------------------------------------------------------------------------------
+
+
+def test_make_norm_kinds_and_errors():
+    assert isinstance(bnn.make_norm("none", 4), nn.Identity)
+    assert isinstance(bnn.make_norm("layer", 4), nn.LayerNorm)
+    assert bnn.make_norm("layer", 4, spatial=True).num_groups == 1
+    assert bnn.make_norm("group", 64).num_groups == 32 and bnn.make_norm("group", 100).num_groups == 25
+    assert bnn.make_norm("group", 8, num_groups=2).num_groups == 2
+    assert bnn.make_norm("ghost", 4, virtual_batch_size=16).virtual_batch_size == 16
+    assert bnn.make_norm("batch", 4, convention="keras").momentum == 0.99
+    with pytest.raises(ValueError, match="unknown norm kind 'weird'"):
+        bnn.make_norm("weird", 4)
+    with pytest.raises(ValueError, match="instance norm needs spatial"):
+        bnn.make_norm("instance", 4)
+    with pytest.raises(TypeError, match="unexpected options"):
+        bnn.make_norm("layer", 4, momentum=0.1)
