@@ -373,3 +373,32 @@ def test_make_norm_kinds_and_errors():
         bnn.make_norm("instance", 4)
     with pytest.raises(TypeError, match="unexpected options"):
         bnn.make_norm("layer", 4, momentum=0.1)
+
+
+@pytest.mark.parametrize("update", ["per_ghost", "averaged"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_ghost_fast_path_equals_general_path(update, layout):
+    x = torch.randn(16, 3, 4, 4) * 2 + 1
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(3) + 0.5, torch.randn(3)
+    up = torch.randn_like(x)
+    results = []
+    for fast in (True, False):
+        rm, rv = torch.zeros(3), torch.ones(3)
+        xi, wi, bi = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
+        # the general path is what skip_nonfinite_update selects (nothing here is non-finite)
+        y = BF.ghost_batch_norm(xi, rm, rv, wi, bi, True, 0.2, 1e-5, virtual_batch_size=4, update=update,
+                                skip_nonfinite_update=not fast)
+        y.backward(up)
+        results.append((y.detach(), xi.grad, wi.grad, bi.grad, rm, rv))
+    for a, c in zip(*results):
+        torch.testing.assert_close(a, c, **F32)
+
+
+def test_ghost_gradcheck_float64():
+    x = torch.randn(8, 2, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: BF.ghost_batch_norm(x, None, None, w, b, True, 0.1, 1e-5, virtual_batch_size=4), (x, w, b))

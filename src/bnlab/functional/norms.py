@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from bnlab.functional.core import compute_stats, normalize
-from bnlab.functional.kernels import corrected_running_var, select_kernel
+from bnlab.functional.kernels import corrected_running_var, memory_layout, select_kernel
 
 __all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "batch_renorm", "ghost_batch_norm"]
 
@@ -336,9 +336,18 @@ def ghost_batch_norm(
             f"{virtual_batch_size}. Use a batch size that is a multiple of it (and drop_last=True in the "
             "DataLoader so the last batch is too), or a virtual_batch_size that divides the batch size."
         )
+    tracked = running_mean is not None and running_var is not None
+    fast = (
+        input.dtype in (torch.float32, torch.float64)
+        and all(t is None or t.dtype == input.dtype for t in (weight, bias, running_mean, running_var))
+        and not skip_nonfinite_update
+    )
+    if fast:
+        return _GhostBatchNorm.apply(input, weight, bias, running_mean, running_var, momentum, eps,
+                                     virtual_batch_size, update, running_var_correction)
+    # General path (half precision, the non-finite guard): batch norm per chunk, then concatenate.
     # Chunks along dim 0 are views, contiguous in NCHW and in channels_last alike: no copies in.
     chunks = input.split(virtual_batch_size)
-    tracked = running_mean is not None and running_var is not None
     if update == "per_ghost" or not tracked:
         outputs = [batch_norm(chunk, running_mean, running_var, weight, bias, True, momentum, eps, **options)
                    for chunk in chunks]
@@ -351,6 +360,59 @@ def ghost_batch_norm(
             running_mean.copy_(torch.stack([m for m, _ in copies]).mean(0))
             running_var.copy_(torch.stack([v for _, v in copies]).mean(0))
     return torch.cat(outputs)
+
+
+class _GhostBatchNorm(torch.autograd.Function):
+    """Ghost batch norm as one autograd node: ATen's batch norm runs on each ghost batch and writes
+    straight into its slice of the output (and, backward, of the input gradient), so there is no
+    concatenation copy in either direction. Same arithmetic as the per-chunk path it replaces."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, v, update, correction):
+        ghosts, c = x.size(0) // v, x.size(1)
+        layout = torch.channels_last if memory_layout(x) == "channels_last" and x.dim() == 4 else torch.contiguous_format
+        x = x.contiguous(memory_format=layout)
+        out = torch.empty_like(x, memory_format=layout)
+        means = x.new_empty(ghosts, c)
+        invstds = x.new_empty(ghosts, c)
+        tracked = running_mean is not None
+        copies = [(running_mean.clone(), running_var.clone()) for _ in range(ghosts)] \
+            if tracked and update == "averaged" else None
+        for g in range(ghosts):
+            rows = slice(g * v, (g + 1) * v)
+            rm, rv = copies[g] if copies else (running_mean, running_var)
+            with corrected_running_var(x[rows], rv, True, correction) as rv_native:
+                torch.ops.aten.native_batch_norm.out(
+                    x[rows], weight, bias, rm, rv_native, True, momentum, eps,
+                    out=out[rows], save_mean=means[g], save_invstd=invstds[g])
+        if copies:
+            running_mean.copy_(torch.stack([m for m, _ in copies]).mean(0))
+            running_var.copy_(torch.stack([r for _, r in copies]).mean(0))
+        ctx.save_for_backward(x, weight, means, invstds)
+        ctx.v, ctx.eps, ctx.layout = v, eps, layout
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, means, invstds = ctx.saved_tensors
+        v, eps = ctx.v, ctx.eps
+        grad_out = grad_out.contiguous(memory_format=ctx.layout)
+        need_w = weight is not None and ctx.needs_input_grad[1]
+        need_b = ctx.needs_input_grad[2]
+        grad_x = torch.empty_like(x, memory_format=ctx.layout)
+        grad_w = torch.zeros_like(means[0]) if need_w else None
+        grad_b = torch.zeros_like(means[0]) if need_b else None
+        for g in range(means.size(0)):
+            rows = slice(g * v, (g + 1) * v)
+            dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+                grad_out[rows], x[rows], weight, None, None, means[g], invstds[g], True, eps,
+                [True, need_w, need_b])
+            grad_x[rows].copy_(dx)
+            if need_w:
+                grad_w += dw
+            if need_b:
+                grad_b += db
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 def _check_kernel_name(kernel: str | None) -> None:
