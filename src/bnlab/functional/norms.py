@@ -141,6 +141,8 @@ def layer_norm(
     ``kernel="composite"`` uses :func:`compute_stats` and :func:`normalize`
     instead of torch's native kernel (same result; the oracle).
     """
+    if kernel is None:  # the common case first: nothing between the caller and ATen
+        return torch.layer_norm(input, normalized_shape, weight, bias, eps, torch.backends.cudnn.enabled)
     normalized_shape = tuple(normalized_shape)
     if kernel == "composite":
         dims = tuple(range(-len(normalized_shape), 0))
@@ -163,6 +165,8 @@ def group_norm(
     (and all spatial positions); per-channel affine. ``num_groups=1`` is layer norm over
     (C, \*), ``num_groups=C`` is instance norm. Same in training and inference.
     """
+    if kernel is None:  # ATen checks the group count itself
+        return torch.group_norm(input, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
     n, c = input.shape[:2]
     if c % num_groups:
         raise ValueError(f"num_channels ({c}) must be divisible by num_groups ({num_groups})")
