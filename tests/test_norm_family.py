@@ -402,3 +402,42 @@ def test_ghost_gradcheck_float64():
     b = torch.randn(2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda x, w, b: BF.ghost_batch_norm(x, None, None, w, b, True, 0.1, 1e-5, virtual_batch_size=4), (x, w, b))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape", [(12, 3), (12, 3, 2), (4, 3, 3, 3)])
+def test_renorm_gradients_match_the_formula_with_stop_gradient(affine, shape):
+    # gradcheck cannot be used: its finite differences see r and d move with x, which the
+    # algorithm deliberately ignores. The oracle is the paper's formula with explicit detach().
+    torch.manual_seed(7)
+    x = torch.randn(shape, dtype=torch.float64) * 3 + 1
+    w = torch.rand(3, dtype=torch.float64) + 0.5 if affine else None
+    b = torch.randn(3, dtype=torch.float64) if affine else None
+    rm = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    rv = torch.tensor([0.5, 4.0, 1.0], dtype=torch.float64)
+    up = torch.randn(shape, dtype=torch.float64)
+    view = (1, -1) + (1,) * (len(shape) - 2)
+    dims = [0, *range(2, len(shape))]
+
+    xs = x.clone().requires_grad_(True)
+    ws, bs = (w.clone().requires_grad_(True), b.clone().requires_grad_(True)) if affine else (None, None)
+    mu, var = xs.mean(dims), xs.var(dims, unbiased=False)
+    sigma_b = (var + 1e-5).sqrt()
+    sigma = (rv + 1e-5).sqrt()
+    r = (sigma_b / sigma).clamp(1 / 1.5, 1.5).detach()
+    d = ((mu - rm) / sigma).clamp(-0.3, 0.3).detach()
+    ref = (xs - mu.view(view)) / sigma_b.view(view) * r.view(view) + d.view(view)
+    if affine:
+        ref = ref * ws.view(view) + bs.view(view)
+    ref.backward(up)
+
+    xo = x.clone().requires_grad_(True)
+    wo, bo = (w.clone().requires_grad_(True), b.clone().requires_grad_(True)) if affine else (None, None)
+    out = BF.batch_renorm(xo, rm.clone(), rv.clone(), wo, bo, True, 0.1, 1e-5, r_max=1.5, d_max=0.3)
+    out.backward(up)
+    assert ((r == 1.5) | (r == 1 / 1.5)).any() and (d.abs() == 0.3).any()  # clipping active somewhere
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(xo.grad, xs.grad)
+    if affine:
+        torch.testing.assert_close(wo.grad, ws.grad)
+        torch.testing.assert_close(bo.grad, bs.grad)

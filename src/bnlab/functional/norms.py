@@ -259,9 +259,9 @@ def batch_renorm(
     updated exactly as in :func:`batch_norm`. **During inference** it is batch
     norm with the running statistics. With ``r_max=1, d_max=0`` it is batch norm.
 
-    Implementation: a first native batch-norm call without autograd gives
-    :math:`\mu_B` and :math:`1/\sigma_B` and updates the buffers; a second is
-    batch norm with :math:`\gamma' = \gamma r` and :math:`\beta' = \beta + \gamma d`.
+    Implementation: one native batch-norm call gives :math:`\mu_B`,
+    :math:`1/\sigma_B`, the buffer update and :math:`y_0 = \gamma\hat{x} + \beta`;
+    then :math:`y = r y_0 + \beta(1-r) + \gamma d` in place (see ``_BatchRenorm``).
     """
     if not training:
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
@@ -272,26 +272,59 @@ def batch_renorm(
     _check_enough_values(input)
     with torch.no_grad():
         old_mean, old_sigma = running_mean.clone(), torch.sqrt(running_var + eps)
-        target_mean, target_var = running_mean, running_var
-        if skip_nonfinite_update:
-            target_mean, target_var = running_mean.clone(), running_var.clone()
-        # Pass 1, no autograd: the batch statistics (and the running update, natively).
-        with corrected_running_var(input, target_var, True, running_var_correction) as rv:
-            _, batch_mean, batch_invstd = torch.native_batch_norm(input, None, None, target_mean, rv, True,
-                                                                  momentum, eps)
-        r = (1.0 / (batch_invstd * old_sigma)).clamp(1.0 / r_max, r_max)
-        d = ((batch_mean - old_mean) / old_sigma).clamp(-d_max, d_max)
-        if skip_nonfinite_update:
+    target_mean, target_var = running_mean, running_var
+    if skip_nonfinite_update:
+        target_mean, target_var = running_mean.clone(), running_var.clone()
+    y = _BatchRenorm.apply(input, weight, bias, target_mean, target_var, old_mean, old_sigma, momentum, eps,
+                           r_max, d_max, running_var_correction)
+    if skip_nonfinite_update:
+        with torch.no_grad():
             keep = torch.isfinite(target_mean).all() & torch.isfinite(target_var).all()
             running_mean.copy_(torch.where(keep, target_mean, running_mean))
             running_var.copy_(torch.where(keep, target_var, running_var))
-    # Pass 2: batch norm whose affine absorbs the correction; its fused backward gives
-    # dgamma and dbeta (a separate affine step would need two slow per-channel reductions).
-    scale = r if weight is None else weight * r
-    shift = d if weight is None else weight * d
-    if bias is not None:
-        shift = shift + bias
-    return batch_norm(input, None, None, scale, shift, True, momentum, eps)
+    return y
+
+
+class _BatchRenorm(torch.autograd.Function):
+    """Batch renorm from one native batch-norm call.
+
+    r and d are constants, so ``y = γ(x̂·r + d) + β = r·y₀ + (β(1−r) + γd)`` with
+    ``y₀ = γx̂ + β``, the plain batch-norm output: one native forward, then one
+    in-place per-channel affine. Backward, the native kernel takes ``r·dy`` and
+    returns ``dγ₀ = r·Σdy·x̂`` and ``dβ₀ = r·Σdy``, from which, per channel,
+    ``dβ = dβ₀/r`` and ``dγ = dγ₀ + d·dβ₀/r``: no extra pass over the data.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, old_mean, old_sigma, momentum, eps,
+                r_max, d_max, correction):
+        with corrected_running_var(x, running_var, True, correction) as rv:
+            y, batch_mean, batch_invstd = torch.native_batch_norm(x, weight, bias, running_mean, rv, True,
+                                                                  momentum, eps)
+        r = (1.0 / (batch_invstd * old_sigma)).clamp(1.0 / r_max, r_max)
+        d = ((batch_mean - old_mean) / old_sigma).clamp(-d_max, d_max)
+        shift = d if weight is None else weight * d
+        if bias is not None:
+            shift = shift + bias * (1.0 - r)
+        ndim = x.dim()
+        torch.addcmul(_channel(shift, ndim).to(y.dtype), y, _channel(r, ndim).to(y.dtype), out=y)  # one sweep
+        ctx.save_for_backward(x, weight, batch_mean, batch_invstd, r, d)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, batch_mean, batch_invstd, r, d = ctx.saved_tensors
+        need_w = weight is not None and ctx.needs_input_grad[1]
+        need_b = ctx.needs_input_grad[2]
+        scaled = grad_out * _channel(r, x.dim())
+        grad_x, grad_w0, grad_b0 = torch.ops.aten.native_batch_norm_backward(
+            scaled, x, weight, None, None, batch_mean, batch_invstd, True, ctx.eps,
+            [ctx.needs_input_grad[0], True, True])
+        sum_dy = grad_b0 / r  # Σ dy per channel, from the kernel's Σ r·dy
+        grad_w = grad_w0 + d * sum_dy if need_w else None
+        grad_b = sum_dy if need_b else None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None
 
 
 def ghost_batch_norm(
