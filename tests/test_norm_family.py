@@ -441,3 +441,25 @@ def test_renorm_gradients_match_the_formula_with_stop_gradient(affine, shape):
     if affine:
         torch.testing.assert_close(wo.grad, ws.grad)
         torch.testing.assert_close(bo.grad, bs.grad)
+
+
+@st.composite
+def image_batches(draw):
+    n, c = draw(st.integers(2, 6)), draw(st.integers(1, 5))
+    h, w = draw(st.integers(1, 4)), draw(st.integers(2, 4))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    return torch.randn(n, c, h, w, generator=g) * draw(st.floats(0.5, 5.0)) + draw(st.floats(-3, 3))
+
+
+@given(x=image_batches())
+def test_family_equivalences_hold_for_any_shape(x):
+    n, c = x.shape[:2]
+    torch.testing.assert_close(bnn.GroupNorm(1, c, affine=False)(x),
+                               bnn.LayerNorm(tuple(x.shape[1:]), elementwise_affine=False)(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bnn.GroupNorm(c, c, affine=False)(x), bnn.InstanceNorm2d(c)(x), rtol=1e-4, atol=1e-4)
+    bn, renorm, ghost = bnn.BatchNorm2d(c), bnn.BatchRenorm2d(c, r_max=1.0, d_max=0.0), \
+        bnn.GhostBatchNorm2d(c, virtual_batch_size=n)
+    want = bn(x)
+    for layer in (renorm, ghost):
+        torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(layer.running_var, bn.running_var, rtol=1e-5, atol=1e-5)
