@@ -203,3 +203,15 @@ def test_bad_compare_flags_exit_2(argv, reason, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2 and reason in capsys.readouterr().err
+
+
+def test_welch_diff_by_hand():
+    from bnlab.stats import welch_diff
+
+    a, b = [10.0, 12.0, 11.0, 13.0], [7.0, 7.5, 8.0]
+    iv = welch_diff(a, b)
+    va, vb = (1.6666667 / 4), (0.25 / 3)  # sample variances / n
+    df = (va + vb) ** 2 / (va**2 / 3 + vb**2 / 2)  # ~4.4 -> floor 4
+    assert iv.mean == pytest.approx(11.5 - 7.5)
+    assert iv.half_width == pytest.approx(t_quantile(0.975, int(df)) * (va + vb) ** 0.5, rel=1e-4)
+    assert welch_diff([1.0], [2.0]).low == -1.0

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 from collections.abc import Sequence
 
-__all__ = ["Interval", "mean_ci", "t_quantile", "first_step_reaching"]
+__all__ = ["Interval", "mean_ci", "welch_diff", "t_quantile", "first_step_reaching"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,28 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> Interval:
     var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
     half = t_quantile((1 + level) / 2, n - 1) * math.sqrt(var / n)
     return Interval(mean, mean - half, mean + half, n, level)
+
+
+def welch_diff(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Interval:
+    """``mean(a) - mean(b)`` with Welch's t interval (unequal variances); ``n`` is min(len(a), len(b)).
+
+    With fewer than two values on a side there is no interval: low = high = the difference.
+    """
+    na, nb = len(a), len(b)
+    if na == 0 or nb == 0:
+        return Interval(math.nan, math.nan, math.nan, 0, level)
+    ma, mb = math.fsum(a) / na, math.fsum(b) / nb
+    diff = ma - mb
+    if na < 2 or nb < 2:
+        return Interval(diff, diff, diff, min(na, nb), level)
+    va = math.fsum((x - ma) ** 2 for x in a) / (na - 1) / na
+    vb = math.fsum((x - mb) ** 2 for x in b) / (nb - 1) / nb
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return Interval(diff, diff, diff, min(na, nb), level)
+    df = (va + vb) ** 2 / (va**2 / (na - 1) + vb**2 / (nb - 1))
+    half = t_quantile((1 + level) / 2, max(1, math.floor(df))) * se
+    return Interval(diff, diff - half, diff + half, min(na, nb), level)
 
 
 def _t_cdf(t: float, df: int) -> float:

@@ -6,10 +6,10 @@ import argparse
 import sys
 
 import bnlab
-from bnlab.cli import compare, data, demo, presets, runs
+from bnlab.cli import claims, compare, data, demo, presets, runs
 
 # Each module exposes add_parser(subparsers) and run(args) -> int.
-SUBCOMMANDS = [compare, runs, presets, data, demo]
+SUBCOMMANDS = [compare, claims, runs, presets, data, demo]
 
 
 class _Parser(argparse.ArgumentParser):

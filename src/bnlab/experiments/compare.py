@@ -13,14 +13,12 @@ from dataclasses import dataclass
 
 from bnlab.data import Dataset, load_dataset
 from bnlab.models import PRESETS, ModelSpec
-from bnlab.stats import first_step_reaching, mean_ci
+from bnlab.experiments.common import summarise_group
 from bnlab.store import RunStore
 from bnlab.train import TrainConfig, run_group
 from bnlab.train.runner import code_version
 
-__all__ = ["CompareRequest", "run_compare", "VARIANTS", "THRESHOLDS"]
-
-THRESHOLDS = (0.95, 0.97)
+__all__ = ["CompareRequest", "run_compare", "VARIANTS"]
 VARIANTS = {"no BN": "none", "BN": "batch"}
 
 
@@ -61,7 +59,7 @@ def run_compare(request: CompareRequest, store: RunStore, *, progress: bool = Tr
     variants = {}
     for label, spec in specs.items():
         result = run_group(store, f"{request.preset}/{label}", spec, cfg, seeds, dataset=dataset, progress=progress)
-        variants[label] = _summarise_variant(store, result, spec)
+        variants[label] = {**summarise_group(store, result), "norm": spec.norm}
     return {
         "request": {
             "preset": request.preset, "seeds": request.seeds, "epochs": request.epochs,
@@ -77,46 +75,3 @@ def run_compare(request: CompareRequest, store: RunStore, *, progress: bool = Tr
     }
 
 
-def _summarise_variant(store: RunStore, result, spec: ModelSpec) -> dict:
-    per_seed = []
-    curves = {}
-    for run_id in result.run_ids:
-        record = store.run(run_id)
-        series = store.metrics(run_id)
-        test_acc = [(s, v) for s, v in series.get("test_acc", [])]
-        final = record.summary or {}
-        final_test_acc = test_acc[-1][1] if test_acc else None
-        row = {
-            "run_id": run_id,
-            "seed": record.seed,
-            "final_test_acc": final_test_acc,
-            "final_test_loss": series["test_loss"][-1][1] if series.get("test_loss") else None,
-            "final_train_loss": final.get("final_train_loss"),
-            "final_train_acc": final.get("final_train_acc"),
-        }
-        if row["final_train_acc"] is not None and final_test_acc is not None:
-            row["train_test_gap"] = row["final_train_acc"] - final_test_acc
-        for threshold in THRESHOLDS:
-            row[f"steps_to_{round(threshold * 100)}"] = first_step_reaching(test_acc, threshold)
-        per_seed.append(row)
-        curves[run_id] = {name: series.get(name, []) for name in ("test_acc", "test_loss", "train_loss")}
-
-    def interval(key):
-        values = [r[key] for r in per_seed if r.get(key) is not None]
-        return mean_ci(values).to_dict()
-
-    aggregate = {key: interval(key) for key in ("final_test_acc", "final_train_loss", "train_test_gap")}
-    for threshold in THRESHOLDS:
-        key = f"steps_to_{round(threshold * 100)}"
-        aggregate[key] = {**interval(key), "reached": sum(r[key] is not None for r in per_seed),
-                          "of": len(per_seed)}
-    return {
-        "group_id": result.group_id,
-        "reused": result.reused,
-        "train_wall_seconds": result.wall_seconds,
-        "steps_per_second": result.steps_per_second,
-        "norm": spec.norm,
-        "aggregate": aggregate,
-        "per_seed": per_seed,
-        "curves": curves,
-    }

@@ -1,0 +1,60 @@
+"""``bnlab claims``: list the claims, run them, and write the report."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from bnlab.cli.common import add_store_option, open_store, positive_int
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("claims", help="test the seeds' claims about BN: list, run, report")
+    sub = p.add_subparsers(dest="claims_command", metavar="ACTION", required=True)
+    sub.add_parser("list", help="the claims, their verdict rules, and the latest verdicts")
+    run = sub.add_parser("run", help="run one claim (or 'all'); finished runs are reused, interrupted ones resume")
+    run.add_argument("name", help="a claim name from 'bnlab claims list', or 'all'")
+    run.add_argument("--quick", action="store_true",
+                     help="the short protocol (fewer steps and seeds, stated in the results)")
+    run.add_argument("--seeds", type=positive_int, default=None, help="seeds per arm (default: 3 quick, 5 full)")
+    run.add_argument("--out", type=Path, default=Path("out/claims"), help="where plots go (default: out/claims)")
+    run.add_argument("--no-progress", action="store_true")
+    report = sub.add_parser("report", help="write claims.md and index.html from the latest results")
+    report.add_argument("--out", type=Path, default=Path("out/claims"), help="(default: out/claims)")
+    for action in (sub.choices["list"], run, report):
+        add_store_option(action)
+    p.set_defaults(run=_dispatch)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from bnlab.experiments.claims import CLAIMS, DEFAULT_SEEDS, ClaimContext
+    from bnlab.report.claims_report import load_results, write_claims_report
+
+    with open_store(args) as store:
+        results_dir = store.path.parent / "claims"
+        if args.claims_command == "list":
+            latest = load_results(results_dir) if results_dir.exists() else {}
+            for claim in sorted(CLAIMS.values(), key=lambda c: c.number):
+                r = latest.get(claim.name)
+                status = f"{r.verdict} ({r.protocol})" if r else "not run"
+                print(f"{claim.number:>2}. {claim.name:<18s} {claim.title:<52s} {status}")
+                print(f"    rule: {claim.rule}")
+            return 0
+        if args.claims_command == "report":
+            paths = write_claims_report(load_results(results_dir) if results_dir.exists() else {}, args.out)
+            print(f"report: {paths['markdown']} and {paths['html']}")
+            return 0
+        names = sorted(CLAIMS, key=lambda n: CLAIMS[n].number) if args.name == "all" else [args.name]
+        unknown = [n for n in names if n not in CLAIMS]
+        if unknown:
+            raise ValueError(f"unknown claim {unknown[0]!r}; see 'bnlab claims list'")
+        protocol = "quick" if args.quick else "full"
+        seeds = args.seeds or DEFAULT_SEEDS[protocol]
+        ctx = ClaimContext(store=store, quick=args.quick, seeds=seeds, out_dir=args.out,
+                           progress=not args.no_progress)
+        for name in names:
+            result = CLAIMS[name].execute(ctx)
+            print(f"{CLAIMS[name].number:>2}. {name}: {result.verdict} ({protocol}, {seeds} seeds, "
+                  f"{result.wall_seconds:.0f} s) because {result.reason}")
+        print("write the report with: bnlab claims report")
+    return 0

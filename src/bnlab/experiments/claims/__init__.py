@@ -1,0 +1,13 @@
+"""The claims lab: every claim of the seeds as an experiment with a protocol, a statistic and a verdict rule.
+
+``CLAIMS`` maps a name to its :class:`Claim`; ``claim.execute(ctx)`` runs it (training
+through the run store, so finished arms are reused and interrupted ones resume) and
+saves its :class:`ClaimResult` as JSON beside the store.
+"""
+
+from bnlab.experiments.claims.base import Arm, Claim, ClaimContext, ClaimResult, compare_interval
+from bnlab.experiments.claims.catalog import CLAIMS
+
+DEFAULT_SEEDS = {"quick": 3, "full": 5}
+
+__all__ = ["CLAIMS", "Claim", "ClaimContext", "ClaimResult", "Arm", "compare_interval", "DEFAULT_SEEDS"]

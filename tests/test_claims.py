@@ -1,0 +1,106 @@
+"""The claims lab: verdict rules on known intervals, every claim end to end on synthetic data, the report."""
+
+from __future__ import annotations
+
+import pytest
+
+from bnlab.cli.main import main
+from bnlab.experiments.claims import CLAIMS, ClaimContext, ClaimResult, compare_interval
+from bnlab.experiments.claims import catalog
+from bnlab.report.claims_report import load_results, render_markdown, write_claims_report
+from bnlab.stats import Interval
+from bnlab.store import RunStore
+from fakes import fake_dataset
+
+
+@pytest.mark.parametrize("low,high,margin,want", [
+    (0.1, 0.3, 0.0, "positive"), (-0.3, -0.1, 0.0, "negative"), (-0.1, 0.2, 0.0, "unclear"),
+    (-0.001, 0.001, 0.005, "equivalent"), (0.006, 0.01, 0.005, "positive"), (0.001, 0.01, 0.005, "unclear"),
+])
+def test_compare_interval_rules(low, high, margin, want):
+    assert compare_interval(Interval((low + high) / 2, low, high, 5), margin=margin) == want
+
+
+def test_one_seed_is_never_conclusive():
+    assert compare_interval(Interval(1.0, 1.0, 1.0, 1)) == "unclear"
+
+
+def test_every_claim_states_its_rule_and_anchor():
+    numbers = [c.number for c in CLAIMS.values()]
+    assert len(set(numbers)) == len(numbers)
+    for claim in CLAIMS.values():
+        assert claim.rule.startswith("supported if") and "inconclusive" in claim.rule
+        assert claim.seed_wording and claim.anchor
+
+
+@pytest.fixture
+def tiny_protocols(monkeypatch):
+    """Shrink every protocol to seconds (smaller nets, a few steps); the claims' code paths are unchanged."""
+    monkeypatch.setattr(catalog, "PAPER_MLP", catalog.PAPER_MLP.with_(hidden=(16, 16)))
+    monkeypatch.setattr(catalog, "PAPER_SGD", catalog.PAPER_SGD.with_(batch_size=32, eval_every=4))
+    monkeypatch.setattr(catalog, "STEPS", {k: {"quick": 12, "full": 12} for k in catalog.STEPS})
+    tiny_presets = {}
+    for name, preset in catalog.PRESETS.items():
+        model = {**preset["model"], "hidden": [16], "conv_channels": [4] if preset["model"].get("conv_channels") else []}
+        train = {k: v for k, v in preset["train"].items() if k != "steps"}
+        tiny_presets[name] = {**preset, "model": model, "train": {**train, "epochs": 1, "eval_every": 4}}
+    monkeypatch.setattr(catalog, "PRESETS", tiny_presets)
+    monkeypatch.setattr(catalog, "EVAL_BATCHES", (2, 50))
+
+
+@pytest.mark.parametrize("name", sorted(CLAIMS))
+def test_each_claim_runs_end_to_end_on_synthetic_data(name, tmp_path, tiny_protocols):
+    store = RunStore(tmp_path / "runs.sqlite")
+    data = fake_dataset(n_train=128, n_test=100)
+    ctx = ClaimContext(store=store, quick=True, seeds=2, out_dir=tmp_path / "plots", progress=False,
+                       datasets={"mnist": data})
+    result = CLAIMS[name].execute(ctx)
+    assert result.verdict in ("supported", "not supported", "inconclusive")
+    assert result.protocol == "quick" and result.seeds == 2 and result.reason
+    assert all((tmp_path / "plots" / p.split("/")[-1]).exists() for p in result.plots)
+    saved = ClaimResult.load(tmp_path / "claims" / f"{name}.quick.json")
+    assert saved.numbers == result.numbers or saved.verdict == result.verdict
+    # a rerun reuses every finished arm: no new runs appear
+    before = len(store.runs())
+    CLAIMS[name].execute(ctx)
+    assert len(store.runs()) == before
+
+
+def test_train_vs_eval_statistic_on_a_known_case(tmp_path, tiny_protocols):
+    """A BN model evaluated in train mode with batches of 2 normalizes each pair to ±1: accuracy must drop."""
+    store = RunStore(tmp_path / "runs.sqlite")
+    ctx = ClaimContext(store=store, quick=True, seeds=2, out_dir=tmp_path, progress=False,
+                       datasets={"mnist": fake_dataset(n_train=256, n_test=100)})
+    result = CLAIMS["train-vs-eval"].execute(ctx)
+    drop2 = result.numbers["drop_by_eval_batch"]["2"]["mean"]
+    drop50 = result.numbers["drop_by_eval_batch"]["50"]["mean"]
+    assert drop2 > drop50  # smaller evaluation batches, noisier statistics, larger loss
+
+
+def test_report_markdown_and_html(tmp_path, tiny_protocols):
+    store = RunStore(tmp_path / "runs.sqlite")
+    ctx = ClaimContext(store=store, quick=True, seeds=2, out_dir=tmp_path / "plots", progress=False,
+                       datasets={"mnist": fake_dataset(n_train=256, n_test=100)})
+    CLAIMS["output-layer"].execute(ctx)
+    results = load_results(tmp_path / "claims")
+    md = render_markdown(results)
+    assert "| 14 | BN on the output layer hurts" in md and "not run yet" in md
+    assert "Verdict rule (fixed before running)" in md and "![output-layer](output-layer.png)" in md
+    paths = write_claims_report(results, tmp_path / "report")
+    assert (tmp_path / "report" / "output-layer.png").exists()
+    page = paths["html"].read_text()
+    assert "<table>" in page and '<img alt="output-layer" src="output-layer.png">' in page
+
+
+def test_claims_cli(tmp_path, capsys, monkeypatch, tiny_protocols):
+    monkeypatch.setattr(ClaimContext, "dataset", lambda self, name: fake_dataset(n_train=256, n_test=100))
+    store = str(tmp_path / "runs.sqlite")
+    assert main(["claims", "list", "--store", store]) == 0
+    assert "trains-faster" in capsys.readouterr().out
+    assert main(["claims", "run", "output-layer", "--quick", "--seeds", "2", "--store", store,
+                 "--out", str(tmp_path / "plots"), "--no-progress"]) == 0
+    assert "output-layer:" in capsys.readouterr().out
+    assert main(["claims", "report", "--store", store, "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "claims.md").exists()
+    assert main(["claims", "run", "nonsense", "--store", store]) == 1
+    assert "unknown claim 'nonsense'" in capsys.readouterr().err
