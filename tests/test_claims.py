@@ -46,6 +46,8 @@ def tiny_protocols(monkeypatch):
         tiny_presets[name] = {**preset, "model": model, "train": {**train, "epochs": 1, "eval_every": 4}}
     monkeypatch.setattr(catalog, "PRESETS", tiny_presets)
     monkeypatch.setattr(catalog, "EVAL_BATCHES", (2, 50))
+    monkeypatch.setattr(catalog, "IOFFE_STEPS", {"quick": 60, "full": 60})
+    monkeypatch.setattr(catalog, "IOFFE_THRESHOLD", {"quick": 0.5, "full": 0.5})
 
 
 @pytest.mark.parametrize("name", sorted(CLAIMS))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["lines_with_ci", "bars_with_ci"]
+__all__ = ["lines_with_ci", "bars_with_ci", "accuracy_and_percentiles"]
 
 PALETTE = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02"]
 
@@ -64,6 +64,40 @@ def bars_with_ci(path: Path, groups: list[str], series: dict[str, list[dict]], *
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, axis="y")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def accuracy_and_percentiles(path: Path, accuracy: dict[str, list[tuple[int, float]]],
+                             percentiles: dict[str, dict[str, list[tuple[int, float]]]], *, title: str) -> Path:
+    """Ioffe & Szegedy's Figure 1 layout: (a) test accuracy vs steps per arm; then, per arm, the
+    {15, 50, 85}th percentiles of one sigmoid input over training."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 1 + len(percentiles), figsize=(5 * (1 + len(percentiles)), 4.2))
+    for color, (label, points) in zip(PALETTE, accuracy.items()):
+        axes[0].plot([s for s, _ in points], [100 * v for _, v in points], color=color, label=label)
+    axes[0].set_title("(a) test accuracy (mean over seeds)")
+    axes[0].set_xlabel("training step")
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].legend()
+    axes[0].grid(alpha=0.3)
+    lows = []
+    for ax, (label, series) in zip(axes[1:], percentiles.items()):
+        for name, style in (("preact_p15", ":"), ("preact_p50", "-"), ("preact_p85", ":")):
+            points = series.get(name, [])
+            ax.plot([s for s, _ in points], [v for _, v in points], "k" + style, label=name.replace("preact_", ""))
+            lows += [v for _, v in points]
+        ax.set_title(f"sigmoid input, one unit: {label}")
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if lows:
+        lo, hi = min(lows), max(lows)
+        for ax in axes[1:]:
+            ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

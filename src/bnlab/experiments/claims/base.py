@@ -54,11 +54,18 @@ class ClaimContext:
             self.datasets[name] = load_dataset(name)
         return self.datasets[name]
 
-    def train(self, claim: str, arm: Arm) -> dict:
-        """Train (or reuse) ``arm`` on seeds 0..seeds-1; return :func:`summarise_group`'s summary."""
+    def train(self, claim: str, arm: Arm, probes: tuple = ()) -> dict:
+        """Train (or reuse) ``arm`` on seeds 0..seeds-1; return :func:`summarise_group`'s summary.
+
+        ``probes`` add metric series (see :mod:`bnlab.probes`). They never change the training, so
+        they are not part of the arm's identity: a finished arm is reused with the series it was
+        first trained with, and a claim that needs probe series should name its arms uniquely.
+        """
         result = run_group(self.store, f"claim:{claim}/{arm.label}", arm.spec, arm.cfg, list(range(self.seeds)),
-                           dataset=self.dataset(arm.cfg.dataset), progress=self.progress)
-        return {**summarise_group(self.store, result), "label": arm.label}
+                           dataset=self.dataset(arm.cfg.dataset), probes=probes, progress=self.progress)
+        summary = {**summarise_group(self.store, result), "label": arm.label}
+        summary["series"] = {r["run_id"]: self.store.metrics(r["run_id"]) for r in summary["per_seed"]}
+        return summary
 
     @property
     def protocol_name(self) -> str:

@@ -1,0 +1,63 @@
+"""Probes measure without changing training: no running-statistics update, no RNG consumption."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bnlab.models import ModelSpec, build_model
+from bnlab.probes import layer_input, preactivation_percentiles, probe_forward
+from bnlab.train import StackedTrainer, TrainConfig, prepare_data
+from fakes import fake_dataset
+
+SPEC = ModelSpec(hidden=(16, 8), activation="sigmoid", norm="batch", dropout=0.2)
+CFG = TrainConfig(lr=0.1, batch_size=32, epochs=2, eval_every=3)
+
+
+def test_probe_forward_changes_nothing():
+    model = build_model(SPEC, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(20, 784)
+    rng = torch.get_rng_state()
+    model.eval()
+    (captured,) = probe_forward(model, x, capture=[layer_input(model, nn.Sigmoid)])
+    assert captured.shape == (20, 8)
+    assert not model.training  # mode restored
+    assert torch.equal(torch.get_rng_state(), rng)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_probing_does_not_change_a_training_run():
+    data = prepare_data(fake_dataset(n_train=160), CFG, SPEC)
+    probe = preactivation_percentiles(data.test_x[:50])
+    runs = []
+    for probes in ((), (probe,)):
+        trainer = StackedTrainer(SPEC, CFG, [0, 1], data, probes=probes)
+        log = []
+        trainer.run(on_eval=lambda step, m: log.append({k: v.clone() for k, v in m.items()}))
+        runs.append((log, trainer.model.state_dict()))
+    (plain_log, plain_state), (probed_log, probed_state) = runs
+    assert "preact_p50" in probed_log[-1] and "preact_p50" not in plain_log[-1]
+    for a, b in zip(plain_log, probed_log):
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+    for name in plain_state:
+        assert torch.equal(plain_state[name], probed_state[name]), name
+
+
+def test_percentiles_on_a_known_case():
+    # one hidden sigmoid layer whose unit 0 computes x[:, 0] exactly: percentiles are those of x[:, 0]
+    spec = ModelSpec(hidden=(3,), activation="sigmoid")
+    data = prepare_data(fake_dataset(n_train=64), CFG, spec)
+    trainer = StackedTrainer(spec, CFG, [0], data)
+    linear = trainer.model.layers[1]
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.bias.zero_()
+        linear.weight[0, 0] = 1.0
+    x = torch.randn(200, 784)
+    out = preactivation_percentiles(x, unit=0)(trainer)
+    want = torch.quantile(x[:, 0], torch.tensor([0.15, 0.5, 0.85]))
+    got = torch.stack([out["preact_p15"][0], out["preact_p50"][0], out["preact_p85"][0]])
+    torch.testing.assert_close(got, want)
