@@ -47,6 +47,11 @@ def tiny_protocols(monkeypatch):
     monkeypatch.setattr(catalog, "PRESETS", tiny_presets)
     monkeypatch.setattr(catalog, "EVAL_BATCHES", (2, 50))
     monkeypatch.setattr(catalog, "IOFFE_STEPS", {"quick": 60, "full": 60})
+    monkeypatch.setattr(catalog, "SMALL_BATCH_SAMPLES", {"quick": 32, "full": 32})
+    monkeypatch.setattr(catalog, "SMALL_BATCHES", (2, 8))
+    monkeypatch.setattr(catalog, "GHOST", {k: {"epochs": 1, "large": 64, "small": 16, "virtual": 16}
+                                           for k in ("quick", "full")})
+    monkeypatch.setattr(catalog, "REGULARIZATION_EPOCHS", {"quick": 1, "full": 1})
     monkeypatch.setattr(catalog, "IOFFE_THRESHOLD", {"quick": 0.5, "full": 0.5})
 
 
@@ -87,11 +92,11 @@ def test_report_markdown_and_html(tmp_path, tiny_protocols):
     results = load_results(tmp_path / "claims")
     md = render_markdown(results)
     assert "| 14 | BN on the output layer hurts" in md and "not run yet" in md
-    assert "Verdict rule (fixed before running)" in md and "![output-layer](output-layer.png)" in md
+    assert "Verdict rule (fixed before running)" in md and "![output-layer](output-layer.quick.png)" in md
     paths = write_claims_report(results, tmp_path / "report")
-    assert (tmp_path / "report" / "output-layer.png").exists()
+    assert (tmp_path / "report" / "output-layer.quick.png").exists()
     page = paths["html"].read_text()
-    assert "<table>" in page and '<img alt="output-layer" src="output-layer.png">' in page
+    assert "<table>" in page and '<img alt="output-layer" src="output-layer.quick.png">' in page
 
 
 def test_claims_cli(tmp_path, capsys, monkeypatch, tiny_protocols):

@@ -30,6 +30,11 @@ STEPS = {
 }
 IOFFE_STEPS = {"quick": 3000, "full": 50000}  # the paper's 50k steps in full
 IOFFE_THRESHOLD = {"quick": 0.90, "full": 0.95}  # a 3000-step sigmoid net does not reach 95%
+SMALL_BATCH_SAMPLES = {"quick": 9600, "full": 60000}  # samples seen per run, equal for every batch size
+SMALL_BATCHES = (2, 4, 8, 16, 32)
+GHOST = {"quick": {"epochs": 3, "large": 2048, "small": 128, "virtual": 128},
+         "full": {"epochs": 10, "large": 4096, "small": 128, "virtual": 128}}
+REGULARIZATION_EPOCHS = {"quick": 2, "full": 10}
 QUICK_EPOCHS = 1  # torch-mlp length for the quick protocol of claims 1, 9 and 14 (full: the preset's 5)
 
 
@@ -54,8 +59,9 @@ def _values(summary: dict, key: str, censor_at_total: bool = False) -> list[floa
 
 
 def _plot(ctx: ClaimContext, name: str) -> str:
+    """Where a claim's plot goes; named by protocol, so a quick run never overwrites a full one."""
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    return str(ctx.out_dir / f"{name}.png")
+    return str(ctx.out_dir / f"{name}.{ctx.protocol_name}.png")
 
 
 # -- 1. BN trains faster ---------------------------------------------------------------------------------
@@ -304,6 +310,53 @@ def _placement(ctx: ClaimContext) -> ClaimResult:
                        numbers, verdict, reason, [plot], runs, 0.0)
 
 
+# -- 8. Small batches ------------------------------------------------------------------------------------
+
+
+def _small_batches(ctx: ClaimContext) -> ClaimResult:
+    samples = SMALL_BATCH_SAMPLES[ctx.protocol_name]
+    norms = {"BatchNorm": "batch", "GroupNorm": "group", "LayerNorm": "layer", "Batch Renorm": "renorm"}
+    finals, runs, series = {}, {}, {}
+    for label, norm in norms.items():
+        points = []
+        for b in SMALL_BATCHES:
+            steps = max(1, samples // b)
+            arm = Arm(f"{label}/batch{b}", PAPER_MLP.with_(norm=norm),
+                      PAPER_SGD.with_(batch_size=b, lr=0.1 * b / 32, steps=steps, eval_every=max(1, steps // 5)))
+            summary = ctx.train("small-batches", arm)
+            runs[arm.label] = [r["run_id"] for r in summary["per_seed"]]
+            finals[(label, b)] = _values(summary, "final_test_acc")
+            points.append((b, mean_ci(finals[(label, b)]).to_dict()))
+        series[label] = points
+    smallest, largest = SMALL_BATCHES[0], SMALL_BATCHES[-1]
+    bn_loss = welch_diff(finals[("BatchNorm", largest)], finals[("BatchNorm", smallest)])
+    best_alt = max(("GroupNorm", "LayerNorm"), key=lambda n: mean_ci(finals[(n, smallest)]).mean)
+    alt_gain = welch_diff(finals[(best_alt, smallest)], finals[("BatchNorm", smallest)])
+    numbers = {
+        "final_test_acc": {label: {str(b): iv for b, iv in pts} for label, pts in series.items()},
+        f"bn_batch{largest}_minus_batch{smallest}": bn_loss.to_dict(),
+        f"{best_alt}_minus_bn_at_batch{smallest}": alt_gain.to_dict(),
+    }
+    degrades, helps = compare_interval(bn_loss, margin=0.01), compare_interval(alt_gain, margin=0.01)
+    if degrades == "positive" and helps == "positive":
+        verdict = "supported"
+        reason = (f"BN loses more than 1 point from batch {largest} to {smallest}, and {best_alt} beats it at "
+                  f"batch {smallest} by more than 1 point (CIs)")
+    elif degrades in ("negative", "equivalent") or helps in ("negative", "equivalent"):
+        verdict = "not supported"
+        reason = f"BN's loss at batch {smallest}: {degrades}; {best_alt}'s advantage there: {helps} (1-point margin)"
+    else:
+        verdict, reason = "inconclusive", f"CIs straddle the 1-point margin (BN loss: {degrades}, {best_alt} gain: {helps})"
+    plot = lines_with_ci(_plot(ctx, "small-batches"), series, title="Final test accuracy vs batch size (LR ∝ batch)",
+                         xlabel="batch size", ylabel="final test accuracy (%)", logx=True, scale=100.0)
+    protocol = (f"784-100-100-100-10 ReLU with each norm before the activation, plain SGD with lr = 0.1·B/32 "
+                f"(linear scaling as Wu & He), {samples} training samples seen at every batch size B in "
+                f"{list(SMALL_BATCHES)}; GroupNorm with 25 groups of 4 features; Batch Renorm with fixed r_max=3, "
+                "d_max=5 (no warm-up schedule); models evaluated in eval mode")
+    return ClaimResult("small-batches", ctx.protocol_name, protocol, ctx.seeds, "final test accuracy", numbers,
+                       verdict, reason, [plot], runs, 0.0)
+
+
 # -- 9. Train mode vs eval mode at inference ----------------------------------------------------------------
 
 
@@ -360,6 +413,91 @@ def _train_vs_eval(ctx: ClaimContext) -> ClaimResult:
     return ClaimResult("train-vs-eval", ctx.protocol_name, protocol, ctx.seeds,
                        "test accuracy lost by evaluating in train mode", numbers, verdict, reason, [plot],
                        {arm.label: [r["run_id"] for r in summary["per_seed"]]}, 0.0)
+
+
+# -- 10. Regularization: BN, Dropout, both ------------------------------------------------------------------
+
+
+def _regularization(ctx: ClaimContext) -> ClaimResult:
+    spec, cfg = _preset("torch-mlp", REGULARIZATION_EPOCHS[ctx.protocol_name])
+    arms = {
+        "neither": spec.with_(norm="none"),
+        "BN": spec.with_(norm="batch"),
+        "Dropout 0.3": spec.with_(norm="none", dropout=0.3),
+        "BN then Dropout": spec.with_(norm="batch", dropout=0.3, dropout_position="after_norm"),
+        "Dropout then BN": spec.with_(norm="batch", dropout=0.3, dropout_position="before_norm"),
+    }
+    gaps, accs, runs = {}, {}, {}
+    for label, arm_spec in arms.items():
+        summary = ctx.train("regularization", Arm(label, arm_spec, cfg))
+        runs[label] = [r["run_id"] for r in summary["per_seed"]]
+        gaps[label] = _values(summary, "train_test_gap")
+        accs[label] = _values(summary, "final_test_acc")
+    bn_vs_none = welch_diff(gaps["neither"], gaps["BN"])
+    dropout_adds = welch_diff(accs["BN then Dropout"], accs["BN"])
+    numbers = {
+        "train_test_gap": {label: mean_ci(v).to_dict() for label, v in gaps.items()},
+        "final_test_acc": {label: mean_ci(v).to_dict() for label, v in accs.items()},
+        "gap_neither_minus_bn": bn_vs_none.to_dict(),
+        "acc_bn_dropout_minus_bn": dropout_adds.to_dict(),
+    }
+    regularizes = compare_interval(bn_vs_none, margin=0.001)
+    if regularizes == "positive":
+        verdict, reason = "supported", "BN's train–test gap is smaller than without BN by more than 0.1 points (CI)"
+    elif regularizes in ("negative", "equivalent"):
+        verdict, reason = "not supported", f"BN does not shrink the train–test gap by 0.1 points ({regularizes})"
+    else:
+        verdict, reason = "inconclusive", "the CI of the gap difference straddles the 0.1-point margin"
+    plot = bars_with_ci(_plot(ctx, "regularization"), ["train–test gap", "test accuracy"],
+                        {label: [mean_ci(gaps[label]).to_dict(), mean_ci(accs[label]).to_dict()] for label in arms},
+                        title="Regularization: train–test accuracy gap and test accuracy", ylabel="percent",
+                        scale=100.0)
+    protocol = (f"torch-mlp recipe, {REGULARIZATION_EPOCHS[ctx.protocol_name]} epochs; arms: neither, BN, Dropout "
+                "0.3, BN then Dropout, Dropout then BN; gap = final train accuracy − test accuracy, both in eval "
+                "mode on the full sets")
+    return ClaimResult("regularization", ctx.protocol_name, protocol, ctx.seeds,
+                       "train–test accuracy gap (and test accuracy)", numbers, verdict, reason, [plot], runs, 0.0)
+
+
+# -- 13. Large batches and Ghost BN -------------------------------------------------------------------------
+
+
+def _ghost(ctx: ClaimContext) -> ClaimResult:
+    p = GHOST[ctx.protocol_name]
+    base = TrainConfig(optimizer="sgd", lr=0.1, momentum=0.9, batch_size=p["small"], epochs=p["epochs"],
+                       scaling="unit", eval_every=100)
+    large_lr = 0.1 * (p["large"] / p["small"]) ** 0.5  # Hoffer et al.'s square-root scaling
+    large = base.with_(batch_size=p["large"], lr=large_lr, eval_every=10)
+    arms = {
+        f"small batch {p['small']}, BN": Arm("small/BN", PAPER_MLP.with_(norm="batch"), base),
+        f"large batch {p['large']}, BN": Arm("large/BN", PAPER_MLP.with_(norm="batch"), large),
+        f"large batch {p['large']}, Ghost BN {p['virtual']}": Arm(
+            "large/ghost", PAPER_MLP.with_(norm="ghost", virtual_batch_size=p["virtual"]), large),
+    }
+    accs, runs = {}, {}
+    for label, arm in arms.items():
+        summary = ctx.train("ghost", arm)
+        runs[arm.label] = [r["run_id"] for r in summary["per_seed"]]
+        accs[label] = _values(summary, "final_test_acc")
+    labels = list(arms)
+    gain = welch_diff(accs[labels[2]], accs[labels[1]])
+    gap = welch_diff(accs[labels[0]], accs[labels[1]])
+    numbers = {"final_test_acc": {label: mean_ci(v).to_dict() for label, v in accs.items()},
+               "ghost_minus_large_bn": gain.to_dict(), "small_minus_large_bn": gap.to_dict()}
+    where = compare_interval(gain, margin=0.005)
+    if where == "positive":
+        verdict, reason = "supported", "Ghost BN beats plain BN at the large batch by more than 0.5 points (CI)"
+    elif where in ("negative", "equivalent"):
+        verdict, reason = "not supported", f"Ghost BN's gain over plain large-batch BN is below 0.5 points ({where})"
+    else:
+        verdict, reason = "inconclusive", "the CI of Ghost BN's gain straddles the 0.5-point margin"
+    plot = bars_with_ci(_plot(ctx, "ghost"), ["final test accuracy"], {l: [mean_ci(v).to_dict()] for l, v in accs.items()},
+                        title="Large batches: plain BN vs Ghost BN", ylabel="test accuracy (%)", scale=100.0)
+    protocol = (f"784-100-100-100-10 ReLU with BN, SGD momentum 0.9, {p['epochs']} epochs for every arm (so the large "
+                f"batch takes {p['large'] // p['small']}× fewer steps), lr 0.1 at batch {p['small']} and "
+                f"{large_lr:.3g} (√ scaling) at batch {p['large']}; Ghost BN with virtual batches of {p['virtual']}")
+    return ClaimResult("ghost", ctx.protocol_name, protocol, ctx.seeds, "final test accuracy", numbers, verdict,
+                       reason, [plot], runs, 0.0)
 
 
 # -- 14. BN on the output layer ------------------------------------------------------------------------------
@@ -438,6 +576,15 @@ CLAIMS: dict[str, Claim] = {c.name: c for c in [
           "no controlled ablation in the BN paper; Mishkin's CaffeNet: after ReLU better by ~2.5 points, GoogLeNet: "
           "before better by ~1 point (single runs)",
           _placement),
+    Claim("small-batches", 8, "BN degrades at small batches; GroupNorm/LayerNorm do not",
+          "seed 000: 'Very small batch sizes (< 8): BatchNorm becomes less effective'; 'Very small batches: Consider "
+          "LayerNormalization'; seed 004: 'BatchNorm also works best when batch sizes are reasonably large'",
+          "supported if BN's accuracy at batch 2 is more than 1 point below its accuracy at batch 32 AND the better of "
+          "GroupNorm/LayerNorm beats BN at batch 2 by more than 1 point (95% Welch CIs); not supported if either "
+          "CI lies below or inside the 1-point margin; inconclusive otherwise",
+          "Wu & He 2018 Table 2 (ResNet-50, ImageNet val error by images per GPU 32→2): BN 23.6 → 34.7%, GN 24.1 → "
+          "24.1%; Batch Renorm at 4 per GPU: 26.3% (BN 27.3, GN 24.2)",
+          _small_batches),
     Claim("train-vs-eval", 9, "Forgetting model.eval() costs accuracy",
           "seed 000, 'Pitfall 1: Forgetting Training vs. Inference Mode'; seed 004: 'During inference, it uses moving "
           "averages learned during training'",
@@ -445,6 +592,20 @@ CLAIMS: dict[str, Claim] = {c.name: c for c in [
           "(95% Welch CI); not supported if the CI lies below 1 point; inconclusive otherwise",
           "no published number; pytorch/pytorch#5406 and #4741 report the symptom",
           _train_vs_eval),
+    Claim("regularization", 10, "BN regularizes (and can replace Dropout)",
+          "seed 000: 'The noise from batch statistics provides a mild regularization effect'; 'When using Dropout: "
+          "Place BatchNorm before Dropout'; seed 001: BN 'often reduces or entirely eliminates the need for Dropout'",
+          "supported if BN shrinks the train–test accuracy gap by more than 0.1 points compared with no BN (95% "
+          "Welch CI); not supported if the CI lies below or inside that margin; inconclusive otherwise",
+          "no MNIST number found; Ioffe & Szegedy removed Dropout from BN-Inception without losing accuracy",
+          _regularization),
+    Claim("ghost", 13, "Ghost BN helps large-batch training",
+          "seed 001: BN 'allows for scaling up training across many GPUs ... even with very large batch sizes'",
+          "supported if Ghost BN beats plain BN at the large batch by more than 0.5 points of test accuracy (95% "
+          "Welch CI); not supported if the CI lies below or inside that margin; inconclusive otherwise",
+          "Hoffer et al. 2017 (MNIST F1 network): small batch 98.27%, large batch 97.05%, +LR scaling 97.55%, "
+          "+Ghost BN 97.60%, +longer training 98.53%",
+          _ghost),
     Claim("output-layer", 14, "BN on the output layer hurts",
           "seed 000: 'Don't use on output layers (usually)'",
           "supported if adding BN to the logits lowers final test accuracy by more than 0.2 points (95% Welch CI); "
