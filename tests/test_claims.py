@@ -52,6 +52,7 @@ def tiny_protocols(monkeypatch):
     monkeypatch.setattr(catalog, "GHOST", {k: {"epochs": 1, "large": 64, "small": 16, "virtual": 16}
                                            for k in ("quick", "full")})
     monkeypatch.setattr(catalog, "REGULARIZATION_EPOCHS", {"quick": 1, "full": 1})
+    monkeypatch.setattr(catalog, "ACCUMULATION_STEPS", {"quick": 6, "full": 6})
     monkeypatch.setattr(catalog, "IOFFE_THRESHOLD", {"quick": 0.5, "full": 0.5})
 
 

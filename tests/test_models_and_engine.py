@@ -216,3 +216,26 @@ def test_bias_before_a_mean_subtracting_norm_is_dropped_only_when_asked():
         assert model[1].bias is None, kind
     frozen = build_model(ModelSpec(hidden=(8,), norm="frozen", bias_before_norm=False))
     assert frozen[1].bias is not None  # frozen BN subtracts a constant, not the batch mean
+
+
+def test_gradient_accumulation_without_norm_equals_the_full_batch():
+    spec = TINY_MLP.with_(norm="none")
+    data = prepare_data(fake_dataset(n_train=128), CFG, spec)
+    full = StackedTrainer(spec, CFG.with_(epochs=1), [0], data)
+    accumulated = StackedTrainer(spec, CFG.with_(epochs=1, accumulate=4), [0], data)
+    for _ in range(full.total_steps):
+        torch.testing.assert_close(full.train_step(), accumulated.train_step(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(full.model.state_dict().values(), accumulated.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_accumulation_with_batch_norm_sees_micro_batches():
+    data = prepare_data(fake_dataset(n_train=128), CFG, TINY_MLP)
+    full = StackedTrainer(TINY_MLP, CFG.with_(epochs=1), [0], data)
+    accumulated = StackedTrainer(TINY_MLP, CFG.with_(epochs=1, accumulate=4), [0], data)
+    full.train_step(), accumulated.train_step()
+    bn_full, bn_acc = full.model.layers[2], accumulated.model.layers[2]
+    assert bn_full.num_batches_tracked.item() == 1 and bn_acc.num_batches_tracked.item() == 4
+    assert not torch.allclose(full.model.layers[1].weight, accumulated.model.layers[1].weight)
+    with pytest.raises(ValueError, match="divide batch_size"):
+        CFG.with_(accumulate=5)

@@ -26,6 +26,10 @@ class TrainConfig:
         data_seed: the batch order; all K stacked models see the same batches.
         bf16: bfloat16 autocast for matmuls and convolutions (off by default).
         checkpoint_every: save a resumable checkpoint every this many steps.
+        accumulate: split each batch into this many micro-batches, each with its own
+            forward and backward pass, and take one optimizer step on the summed
+            gradients (gradient accumulation). Batch norm then sees micro-batches
+            only, and updates its running statistics once per micro-batch.
     """
 
     dataset: str = "mnist"
@@ -42,6 +46,7 @@ class TrainConfig:
     data_seed: int = 0
     bf16: bool = False
     checkpoint_every: int = 500
+    accumulate: int = 1
 
     def __post_init__(self):
         if self.dataset not in ("mnist", "fashion"):
@@ -58,6 +63,8 @@ class TrainConfig:
             raise ValueError("batch_size must be at least 2 (batch statistics need two values)")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.accumulate < 1 or self.batch_size % self.accumulate:
+            raise ValueError(f"accumulate must be >= 1 and divide batch_size ({self.batch_size}), got {self.accumulate}")
         if self.eval_every < 1 or self.checkpoint_every < 1:
             raise ValueError("eval_every and checkpoint_every must be at least 1")
 

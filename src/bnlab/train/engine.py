@@ -128,16 +128,20 @@ class StackedTrainer:
 
     def train_step(self) -> Tensor:
         idx = self.batch_indices(self.step)
-        x, y = self.data.train_x[idx], self.data.train_y[idx]
         self.model.train()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16):
-            logits = self.model(x)
-        losses = per_model_cross_entropy(logits.float(), y)
         self.optimizer.zero_grad(set_to_none=True)
-        losses.sum().backward()
+        chunks = idx.chunk(self.cfg.accumulate) if self.cfg.accumulate > 1 else (idx,)
+        losses = torch.zeros(self.k)
+        for chunk in chunks:
+            x, y = self.data.train_x[chunk], self.data.train_y[chunk]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16):
+                logits = self.model(x)
+            micro = per_model_cross_entropy(logits.float(), y)
+            # weight by the chunk's share so the summed gradient is that of the mean over the batch
+            (micro.sum() * (len(chunk) / len(idx))).backward()
+            losses += micro.detach() * (len(chunk) / len(idx))
         self.optimizer.step()
         self.step += 1
-        losses = losses.detach()
         self._interval_loss += losses
         self._interval_steps += 1
         return losses

@@ -35,6 +35,7 @@ SMALL_BATCHES = (2, 4, 8, 16, 32)
 GHOST = {"quick": {"epochs": 3, "large": 2048, "small": 128, "virtual": 128},
          "full": {"epochs": 10, "large": 4096, "small": 128, "virtual": 128}}
 REGULARIZATION_EPOCHS = {"quick": 2, "full": 10}
+ACCUMULATION_STEPS = {"quick": 300, "full": 1875}  # full: one epoch at batch 32
 QUICK_EPOCHS = 1  # torch-mlp length for the quick protocol of claims 1, 9 and 14 (full: the preset's 5)
 
 
@@ -459,6 +460,46 @@ def _regularization(ctx: ClaimContext) -> ClaimResult:
                        "train–test accuracy gap (and test accuracy)", numbers, verdict, reason, [plot], runs, 0.0)
 
 
+# -- 12. Gradient accumulation as a small-batch remedy --------------------------------------------------------
+
+
+def _accumulation(ctx: ClaimContext) -> ClaimResult:
+    steps = ACCUMULATION_STEPS[ctx.protocol_name]
+    cfg = PAPER_SGD.with_(batch_size=32, steps=steps, eval_every=max(1, steps // 5))
+    arms = {
+        "BN, real batch 32": Arm("BN/batch32", PAPER_MLP.with_(norm="batch"), cfg),
+        "BN, 8 micro-batches of 4 accumulated": Arm("BN/accumulate8x4", PAPER_MLP.with_(norm="batch"),
+                                                    cfg.with_(accumulate=8)),
+        "GroupNorm, 8 × 4 accumulated": Arm("GN/accumulate8x4", PAPER_MLP.with_(norm="group"), cfg.with_(accumulate=8)),
+    }
+    accs, runs = {}, {}
+    for label, arm in arms.items():
+        summary = ctx.train("accumulation", arm)
+        runs[arm.label] = [r["run_id"] for r in summary["per_seed"]]
+        accs[label] = _values(summary, "final_test_acc")
+    labels = list(arms)
+    shortfall = welch_diff(accs[labels[0]], accs[labels[1]])
+    where = compare_interval(shortfall, margin=0.005)
+    numbers = {"final_test_acc": {label: mean_ci(v).to_dict() for label, v in accs.items()},
+               "real_batch_minus_accumulated": shortfall.to_dict()}
+    if where == "equivalent":
+        verdict, reason = "supported", "accumulating 8 micro-batches of 4 matches a real batch of 32 within 0.5 points (CI)"
+    elif where == "positive":
+        verdict, reason = "not supported", "the real batch of 32 beats 8 accumulated micro-batches of 4 by more than 0.5 points (CI)"
+    else:
+        verdict, reason = "inconclusive", f"the CI of the difference is not inside ±0.5 points ({where})"
+    plot = bars_with_ci(_plot(ctx, "accumulation"), ["final test accuracy"],
+                        {label: [mean_ci(v).to_dict()] for label, v in accs.items()},
+                        title="Gradient accumulation vs a real batch (BN sees only the micro-batch)",
+                        ylabel="test accuracy (%)", scale=100.0)
+    protocol = (f"784-100-100-100-10 ReLU, plain SGD lr 0.1, {steps} optimizer steps of 32 samples each: one real "
+                "batch of 32, or 8 micro-batches of 4 with their gradients summed (batch norm normalizes, and updates "
+                "its running statistics, per micro-batch); GroupNorm with the same accumulation as a control that "
+                "does not depend on the batch")
+    return ClaimResult("accumulation", ctx.protocol_name, protocol, ctx.seeds, "final test accuracy", numbers,
+                       verdict, reason, [plot], runs, 0.0)
+
+
 # -- 13. Large batches and Ghost BN -------------------------------------------------------------------------
 
 
@@ -599,6 +640,14 @@ CLAIMS: dict[str, Claim] = {c.name: c for c in [
           "Welch CI); not supported if the CI lies below or inside that margin; inconclusive otherwise",
           "no MNIST number found; Ioffe & Szegedy removed Dropout from BN-Inception without losing accuracy",
           _regularization),
+    Claim("accumulation", 12, "Gradient accumulation fixes small-batch BN",
+          "seed 000, 'Pitfall 3: Small Batch Sizes': 'If you must use small batches, consider: ... Accumulating "
+          "gradients over multiple mini-batches'",
+          "supported if 8 accumulated micro-batches of 4 reach the test accuracy of a real batch of 32 within ±0.5 "
+          "points (95% Welch CI of the difference inside the band); not supported if the real batch is better by more "
+          "than 0.5 points (CI above); inconclusive otherwise",
+          "no published number; pytorch/pytorch#46516: accumulation does not change what batch norm sees",
+          _accumulation),
     Claim("ghost", 13, "Ghost BN helps large-batch training",
           "seed 001: BN 'allows for scaling up training across many GPUs ... even with very large batch sizes'",
           "supported if Ghost BN beats plain BN at the large batch by more than 0.5 points of test accuracy (95% "
