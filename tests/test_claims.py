@@ -53,6 +53,8 @@ def tiny_protocols(monkeypatch):
                                            for k in ("quick", "full")})
     monkeypatch.setattr(catalog, "REGULARIZATION_EPOCHS", {"quick": 1, "full": 1})
     monkeypatch.setattr(catalog, "ACCUMULATION_STEPS", {"quick": 6, "full": 6})
+    monkeypatch.setattr(catalog, "FINETUNE_STEPS", {"quick": 6, "full": 6})
+    monkeypatch.setattr(catalog, "REESTIMATE_BATCHES", 3)
     monkeypatch.setattr(catalog, "IOFFE_THRESHOLD", {"quick": 0.5, "full": 0.5})
 
 
@@ -61,14 +63,14 @@ def test_each_claim_runs_end_to_end_on_synthetic_data(name, tmp_path, tiny_proto
     store = RunStore(tmp_path / "runs.sqlite")
     data = fake_dataset(n_train=128, n_test=100)
     ctx = ClaimContext(store=store, quick=True, seeds=2, out_dir=tmp_path / "plots", progress=False,
-                       datasets={"mnist": data})
+                       datasets={"mnist": data, "fashion": fake_dataset(n_train=128, n_test=100, name="fashion")})
     result = CLAIMS[name].execute(ctx)
     assert result.verdict in ("supported", "not supported", "inconclusive")
     assert result.protocol == "quick" and result.seeds == 2 and result.reason
     assert all((tmp_path / "plots" / p.split("/")[-1]).exists() for p in result.plots)
     saved = ClaimResult.load(tmp_path / "claims" / f"{name}.quick.json")
     assert saved.numbers == result.numbers or saved.verdict == result.verdict
-    # a rerun reuses every finished arm: no new runs appear
+    # a rerun reuses every finished arm: no new runs appear (claim 11's short fine-tuning runs are not stored)
     before = len(store.runs())
     CLAIMS[name].execute(ctx)
     assert len(store.runs()) == before
@@ -112,3 +114,18 @@ def test_claims_cli(tmp_path, capsys, monkeypatch, tiny_protocols):
     assert (tmp_path / "report" / "claims.md").exists()
     assert main(["claims", "run", "nonsense", "--store", store]) == 1
     assert "unknown claim 'nonsense'" in capsys.readouterr().err
+
+
+def test_reestimated_statistics_are_the_cumulative_average_of_the_batches():
+    import torch
+
+    import bnlab.nn as bnn
+
+    model = torch.nn.Sequential(bnn.BatchNorm1d(3, momentum=0.1))
+    x = torch.randn(2000, 3) * 2 + 5
+    catalog._reestimate_statistics(model, x, batches=40, batch_size=100)
+    g = torch.Generator().manual_seed(0)  # the same batches the helper draws
+    batches = [x[torch.randint(len(x), (100,), generator=g)] for _ in range(40)]
+    torch.testing.assert_close(model[0].running_mean, torch.stack([b.mean(0) for b in batches]).mean(0))
+    torch.testing.assert_close(model[0].running_var, torch.stack([b.var(0) for b in batches]).mean(0))
+    assert model[0].momentum == 0.1  # restored

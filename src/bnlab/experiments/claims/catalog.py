@@ -36,6 +36,8 @@ GHOST = {"quick": {"epochs": 3, "large": 2048, "small": 128, "virtual": 128},
          "full": {"epochs": 10, "large": 4096, "small": 128, "virtual": 128}}
 REGULARIZATION_EPOCHS = {"quick": 2, "full": 10}
 ACCUMULATION_STEPS = {"quick": 300, "full": 1875}  # full: one epoch at batch 32
+FINETUNE_STEPS = {"quick": 300, "full": 2000}
+REESTIMATE_BATCHES = 50
 QUICK_EPOCHS = 1  # torch-mlp length for the quick protocol of claims 1, 9 and 14 (full: the preset's 5)
 
 
@@ -460,6 +462,77 @@ def _regularization(ctx: ClaimContext) -> ClaimResult:
                        "train–test accuracy gap (and test accuracy)", numbers, verdict, reason, [plot], runs, 0.0)
 
 
+# -- 11. Frozen BN in transfer learning --------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _reestimate_statistics(model: torch.nn.Module, x: torch.Tensor, batches: int, batch_size: int) -> None:
+    """Replace every batch norm's running statistics by the cumulative average over ``batches``
+    batches of ``x`` (train-mode forward passes, momentum=None), as precise-BN does."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [(m, m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(batches):
+        model(x[torch.randint(len(x), (batch_size,), generator=g)])
+    for m, momentum in saved:
+        m.momentum = momentum
+
+
+def _finetune_accuracy(ctx, spec, cfg, pretrained_group: str, treatment: str) -> list[float]:
+    from bnlab.nn import freeze_batchnorm
+    from bnlab.train.engine import _make_optimizer
+
+    data = prepare_data(ctx.dataset("fashion"), cfg, spec)
+    trainer = StackedTrainer(spec, cfg, list(range(ctx.seeds)), data)
+    pretrained = torch.load(ctx.store.checkpoint_path(pretrained_group), weights_only=False)
+    trainer.model.load_state_dict(pretrained["model"])
+    if treatment == "re-estimated, then frozen":
+        _reestimate_statistics(trainer.model, data.train_x, REESTIMATE_BATCHES, cfg.batch_size)
+    if treatment != "updating":
+        freeze_batchnorm(trainer.model)
+        trainer.optimizer = _make_optimizer(cfg, trainer.model.parameters())  # the frozen affine is not trained
+    trainer.run()
+    _, acc = trainer.evaluate(data.test_x, data.test_y)
+    return acc.tolist()
+
+
+def _frozen_transfer(ctx: ClaimContext) -> ClaimResult:
+    spec, cfg = _preset("torch-mlp", QUICK_EPOCHS if ctx.quick else None)
+    spec = spec.with_(norm="batch")
+    pretrained = ctx.train("trains-faster", Arm("torch-mlp/BN", spec, cfg))  # claim 1's MNIST models
+    steps = FINETUNE_STEPS[ctx.protocol_name]
+    tune_cfg = cfg.with_(dataset="fashion", epochs=None, steps=steps, eval_every=steps)
+    treatments = ("updating", "frozen", "re-estimated, then frozen")
+    accs = {t: _finetune_accuracy(ctx, spec, tune_cfg, pretrained["group_id"], t) for t in treatments}
+    gain = welch_diff(accs["frozen"], accs["updating"])
+    where = compare_interval(gain, margin=0.005)
+    numbers = {"fashion_test_acc": {t: mean_ci(v).to_dict() for t, v in accs.items()},
+               "frozen_minus_updating": gain.to_dict(),
+               "reestimated_minus_updating": welch_diff(accs["re-estimated, then frozen"], accs["updating"]).to_dict()}
+    if where == "positive":
+        verdict, reason = "supported", "fine-tuning with frozen BN beats letting BN update by more than 0.5 points (CI)"
+    elif where in ("negative", "equivalent"):
+        verdict, reason = "not supported", f"frozen BN is not better by 0.5 points than updating BN ({where})"
+    else:
+        verdict, reason = "inconclusive", "the CI of frozen BN's advantage straddles the 0.5-point margin"
+    plot = bars_with_ci(_plot(ctx, "frozen-transfer"), ["Fashion-MNIST test accuracy"],
+                        {t: [mean_ci(v).to_dict()] for t, v in accs.items()},
+                        title="Fine-tuning an MNIST model on Fashion-MNIST: what to do with BN",
+                        ylabel="test accuracy (%)", scale=100.0)
+    protocol = (f"claim 1's torch-mlp BN models (MNIST, {f'{QUICK_EPOCHS} epoch' if ctx.quick else '5 epochs'}) "
+                f"fine-tuned on Fashion-MNIST for {steps} steps (SGD lr 0.01, momentum 0.9, batch 64), all weights "
+                "trainable, with BN updating, BN frozen (freeze_batchnorm), or BN statistics re-estimated on "
+                f"{REESTIMATE_BATCHES} Fashion batches then frozen. The fine-tuning runs are short and are not kept in "
+                "the run store (rerunning repeats them)")
+    return ClaimResult("frozen-transfer", ctx.protocol_name, protocol, ctx.seeds, "Fashion-MNIST test accuracy",
+                       numbers, verdict, reason, [plot], {"pretrained torch-mlp/BN": [r["run_id"] for r in
+                                                                                       pretrained["per_seed"]]}, 0.0)
+
+
 # -- 12. Gradient accumulation as a small-batch remedy --------------------------------------------------------
 
 
@@ -640,6 +713,14 @@ CLAIMS: dict[str, Claim] = {c.name: c for c in [
           "Welch CI); not supported if the CI lies below or inside that margin; inconclusive otherwise",
           "no MNIST number found; Ioffe & Szegedy removed Dropout from BN-Inception without losing accuracy",
           _regularization),
+    Claim("frozen-transfer", 11, "Keep BN frozen when transferring to a new task",
+          "seed 000: 'Transfer learning: Keep BatchNorm layers frozen initially'",
+          "supported if fine-tuning with frozen BN beats fine-tuning with updating BN by more than 0.5 points of "
+          "test accuracy on the new task (95% Welch CI); not supported if the CI lies below or inside that margin; "
+          "inconclusive otherwise",
+          "no MNIST→Fashion number published; detectron2 and torchvision freeze BN when fine-tuning detectors "
+          "(batches of 1–2 images per GPU), Keras' fine-tuning guide keeps BN in inference mode",
+          _frozen_transfer),
     Claim("accumulation", 12, "Gradient accumulation fixes small-batch BN",
           "seed 000, 'Pitfall 3: Small Batch Sizes': 'If you must use small batches, consider: ... Accumulating "
           "gradients over multiple mini-batches'",
