@@ -56,6 +56,7 @@ def tiny_protocols(monkeypatch):
     monkeypatch.setattr(catalog, "FINETUNE_STEPS", {"quick": 6, "full": 6})
     monkeypatch.setattr(catalog, "REESTIMATE_BATCHES", 3)
     monkeypatch.setattr(catalog, "IOFFE_THRESHOLD", {"quick": 0.5, "full": 0.5})
+    monkeypatch.setattr(catalog, "ICS_STEPS", {"quick": 60, "full": 60})
 
 
 @pytest.mark.parametrize("name", sorted(CLAIMS))

@@ -61,3 +61,48 @@ def test_percentiles_on_a_known_case():
     want = torch.quantile(x[:, 0], torch.tensor([0.15, 0.5, 0.85]))
     got = torch.stack([out["preact_p15"][0], out["preact_p50"][0], out["preact_p85"][0]])
     torch.testing.assert_close(got, want)
+
+
+def _ics_trainer(spec, seeds=(0, 1)):
+    cfg = TrainConfig(lr=0.5, batch_size=32, epochs=1, eval_every=2)
+    data = prepare_data(fake_dataset(n_train=96), cfg, spec)
+    return StackedTrainer(spec, cfg, list(seeds), data), data
+
+
+def test_ics_is_zero_when_earlier_layers_do_not_move():
+    from bnlab.probes import gradient_ics
+
+    spec = ModelSpec(hidden=(8, 6), activation="sigmoid", norm="batch")
+    trainer, data = _ics_trainer(spec)
+    # lr 0: the earlier layers' step is zero, so G' = G exactly
+    out = gradient_ics(data.test_x[:40], data.test_y[:40], lr=0.0)(trainer)
+    assert torch.all(out["ics_l2"] == 0) and torch.allclose(out["ics_cos"], torch.ones(2))
+    moved = gradient_ics(data.test_x[:40], data.test_y[:40], lr=0.5)(trainer)
+    assert torch.all(moved["ics_l2"] > 0) and torch.all(moved["ics_cos"] < 1)
+
+
+def test_ics_per_model_matches_single_model_runs():
+    from bnlab.probes import gradient_ics
+
+    spec = ModelSpec(hidden=(8, 6), activation="sigmoid")
+    stacked, data = _ics_trainer(spec, seeds=(0, 1))
+    single, _ = _ics_trainer(spec, seeds=(1,))
+    probe = gradient_ics(data.test_x[:40], data.test_y[:40], lr=0.5)
+    a, b = probe(stacked), probe(single)
+    torch.testing.assert_close(a["ics_l2"][1], b["ics_l2"][0], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(a["ics_cos"][1], b["ics_cos"][0], rtol=1e-4, atol=1e-6)
+
+
+def test_ics_probe_does_not_change_training():
+    from bnlab.probes import gradient_ics
+
+    spec = ModelSpec(hidden=(8, 6), activation="sigmoid", norm="batch")
+    results = []
+    for with_probe in (False, True):
+        trainer, data = _ics_trainer(spec)
+        if with_probe:
+            trainer.probes = (gradient_ics(data.test_x[:40], data.test_y[:40], lr=0.5),)
+        trainer.run()
+        results.append(trainer.model.state_dict())
+    for name in results[0]:
+        assert torch.equal(results[0][name], results[1][name]), name

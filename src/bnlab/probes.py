@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["probe_forward", "preactivation_percentiles", "layer_input"]
+__all__ = ["probe_forward", "preactivation_percentiles", "layer_input", "gradient_ics"]
 
 
 def probe_forward(model: nn.Module, x: Tensor, *, train_mode: bool = True,
@@ -70,5 +70,69 @@ def preactivation_percentiles(probe_x: Tensor, *, activation: type[nn.Module] = 
         values = values.unsqueeze(1) if values.dim() == 1 else values
         q = torch.quantile(values.float(), qs, dim=0)  # (len(percentiles), K)
         return {f"preact_p{round(p)}": row for p, row in zip(percentiles, q)}
+
+    return probe
+
+
+def _weight_layers(model: nn.Module) -> list[nn.Module]:
+    from bnlab.models.fused import StackedLinear
+
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, StackedLinear))]
+
+
+def _per_model(grad: Tensor, layer: nn.Module, k: int) -> Tensor:
+    """Model k's slice of a (possibly stacked) weight gradient."""
+    from bnlab.models.fused import StackedLinear
+
+    if not isinstance(layer, StackedLinear):
+        return grad  # a single, unstacked model
+    return grad[:, k] if layer.shared_input else grad[k]
+
+
+def gradient_ics(probe_x: Tensor, probe_y: Tensor, *, lr: float, layer_index: int = -2):
+    """A probe: Santurkar et al.'s internal covariate shift (Definition 2.1) at one layer.
+
+    G is the gradient of the layer's weight on a fixed batch; G' is the same
+    gradient after every *earlier* layer has taken its SGD step (``W - lr·grad``)
+    on that batch, the layer itself and later ones unchanged. Returns, per
+    model, ``ics_l2 = ||G - G'||``, ``ics_rel = ||G - G'|| / ||G||`` and
+    ``ics_cos = cos(G, G')``. The step is exact for plain SGD (momentum 0).
+    Runs on copies of the buffers and restores the RNG, like every probe here.
+    """
+    from bnlab.models.fused import per_model_cross_entropy
+
+    def loss_and_grads(model, state, names):
+        logits = torch.func.functional_call(model, state, (probe_x,))
+        logits = logits if logits.dim() == 3 else logits.unsqueeze(1)
+        loss = per_model_cross_entropy(logits, probe_y).sum()
+        return torch.autograd.grad(loss, [state[n] for n in names])
+
+    def probe(trainer) -> dict[str, Tensor]:
+        model = trainer.model
+        layers = _weight_layers(model)
+        target = layers[layer_index]
+        names = [n for n, _ in model.named_parameters()]
+        target_name = next(n for n, p in model.named_parameters() if p is target.weight)
+        earlier = names[: names.index(target_name)]
+        rng, was_training = torch.get_rng_state(), model.training
+        try:
+            model.train()
+            params = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters()}
+            buffers = lambda: {n: b.clone() for n, b in model.named_buffers()}  # noqa: E731
+            grads = loss_and_grads(model, {**params, **buffers()}, earlier + [target_name])
+            stepped = {n: (params[n] - lr * g).detach().requires_grad_(True) for n, g in zip(earlier, grads[:-1])}
+            (after,) = loss_and_grads(model, {**params, **stepped, **buffers()}, [target_name])
+        finally:
+            model.train(was_training)
+            torch.set_rng_state(rng)
+        before = grads[-1]
+        l2, rel, cos = [], [], []
+        for k in range(trainer.k):
+            g, g2 = _per_model(before, target, k).flatten(), _per_model(after, target, k).flatten()
+            diff = torch.linalg.vector_norm(g - g2)
+            l2.append(diff)
+            rel.append(diff / torch.linalg.vector_norm(g).clamp_min(1e-12))
+            cos.append(torch.nn.functional.cosine_similarity(g, g2, dim=0))
+        return {"ics_l2": torch.stack(l2), "ics_rel": torch.stack(rel), "ics_cos": torch.stack(cos)}
 
     return probe

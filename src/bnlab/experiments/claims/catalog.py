@@ -8,7 +8,7 @@ import torch
 
 from bnlab.experiments.claims.base import Arm, Claim, ClaimContext, ClaimResult, compare_interval
 from bnlab.models import PRESETS, ModelSpec
-from bnlab.probes import preactivation_percentiles
+from bnlab.probes import gradient_ics, preactivation_percentiles
 from bnlab.report.plots import accuracy_and_percentiles, bars_with_ci, lines_with_ci
 from bnlab.stats import first_step_reaching, mean_ci, welch_diff
 from bnlab.train import StackedTrainer, TrainConfig, prepare_data
@@ -30,6 +30,7 @@ STEPS = {
 }
 IOFFE_STEPS = {"quick": 3000, "full": 50000}  # the paper's 50k steps in full
 IOFFE_THRESHOLD = {"quick": 0.90, "full": 0.95}  # a 3000-step sigmoid net does not reach 95%
+ICS_STEPS = {"quick": 3000, "full": 10000}
 SMALL_BATCH_SAMPLES = {"quick": 9600, "full": 60000}  # samples seen per run, equal for every batch size
 SMALL_BATCHES = (2, 4, 8, 16, 32)
 GHOST = {"quick": {"epochs": 3, "large": 2048, "small": 128, "virtual": 128},
@@ -276,6 +277,67 @@ def _ioffe_figure_1(ctx: ClaimContext) -> ClaimResult:
     return ClaimResult("ioffe-figure-1", ctx.protocol_name, protocol, ctx.seeds,
                        f"steps to {threshold:.0%} test accuracy, and the drift of the sigmoid input's median", numbers, verdict,
                        reason, [plot], runs, 0.0)
+
+
+# -- 5. Internal covariate shift, two ways -------------------------------------------------------------------
+
+
+def _series_mean(series: list[tuple[int, float]], skip_fraction: float = 0.1) -> float:
+    if not series:
+        return float("nan")
+    last = series[-1][0]
+    values = [v for s, v in series if s >= skip_fraction * last and v is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _ics(ctx: ClaimContext) -> ClaimResult:
+    spec, cfg = _preset("ioffe-mlp")
+    steps = ICS_STEPS[ctx.protocol_name]
+    cfg = cfg.with_(epochs=None, steps=steps, eval_every=max(50, steps // 50))
+    dataset = ctx.dataset(cfg.dataset)
+    train_x, train_y = dataset.tensors("train", scaling=cfg.scaling)
+    probes = (preactivation_percentiles(dataset.tensors("test", scaling=cfg.scaling)[0][:1000]),
+              gradient_ics(train_x[:256], train_y[:256], lr=cfg.lr))
+    arms, runs = {}, {}
+    for label, norm in (("no BN", "none"), ("BN", "batch")):
+        arms[label] = ctx.train("ics", Arm(label, spec.with_(norm=norm), cfg), probes=probes)
+        runs[label] = [r["run_id"] for r in arms[label]["per_seed"]]
+    per_seed = {label: {name: [_series_mean(s["series"][r["run_id"]].get(name, [])) for r in s["per_seed"]]
+                        for name in ("ics_rel", "ics_cos", "ics_l2")} for label, s in arms.items()}
+    drift = {label: [_drift(s["series"][r["run_id"]].get("preact_p50", [])) for r in s["per_seed"]]
+             for label, s in arms.items()}
+    drift_less = welch_diff(drift["no BN"], drift["BN"])
+    ics_less = welch_diff(per_seed["no BN"]["ics_rel"], per_seed["BN"]["ics_rel"])
+    numbers = {
+        "distribution_drift_of_median": {label: mean_ci(v).to_dict() for label, v in drift.items()},
+        "drift_no_bn_minus_bn": drift_less.to_dict(),
+        "gradient_ics_relative_l2": {label: mean_ci(v["ics_rel"]).to_dict() for label, v in per_seed.items()},
+        "gradient_ics_cosine": {label: mean_ci(v["ics_cos"]).to_dict() for label, v in per_seed.items()},
+        "gradient_ics_l2": {label: mean_ci(v["ics_l2"]).to_dict() for label, v in per_seed.items()},
+        "relative_ics_no_bn_minus_bn": ics_less.to_dict(),
+    }
+    by_drift, by_gradient = compare_interval(drift_less), compare_interval(ics_less, margin=0.01)
+    if by_drift == "positive" and by_gradient == "positive":
+        verdict, reason = "supported", "BN lowers both the distribution drift and the gradient-based ICS (CIs)"
+    elif by_gradient in ("negative", "equivalent"):
+        verdict = "not supported"
+        reason = (f"BN does not lower Santurkar et al.'s gradient ICS (relative ℓ2 {by_gradient}), though the "
+                  f"distribution drift is {'lower' if by_drift == 'positive' else 'not clearly lower'} with BN")
+    else:
+        verdict, reason = "inconclusive", f"drift: {by_drift}, gradient ICS: {by_gradient}"
+    series = {}
+    for label, s in arms.items():
+        first = s["series"][s["per_seed"][0]["run_id"]]
+        series[f"{label}: cos(G, G')"] = [(step, {"mean": v, "low": v, "high": v}) for step, v in first.get("ics_cos", [])]
+    plot = lines_with_ci(_plot(ctx, "ics"), series, title="Gradient ICS at the last hidden layer (seed 0)",
+                         xlabel="training step", ylabel="cosine of G and G' (1 = no shift)")
+    protocol = (f"ioffe-mlp preset, {steps} steps, with and without BN; every {cfg.eval_every} steps: (a) the 15/50/85th "
+                "percentiles of one last-layer sigmoid input (drift = std of the median after the first 10%), and "
+                "(b) Santurkar et al.'s Definition 2.1 at the last hidden layer on a fixed batch of 256 training "
+                "images: G vs G' after the earlier layers take their SGD step; averaged after the first 10% of training")
+    return ClaimResult("ics", ctx.protocol_name, protocol, ctx.seeds,
+                       "distribution drift, and gradient-based ICS (relative ℓ2, cosine)", numbers, verdict, reason,
+                       [plot], runs, 0.0)
 
 
 # -- 7. Placement before vs after the activation -------------------------------------------------------------
@@ -681,6 +743,17 @@ CLAIMS: dict[str, Claim] = {c.name: c for c in [
           "percentiles stay stable while the baseline's move in mean and spread (no numbers published; "
           "reproductions report final accuracy 98.0% vs 97.7%)",
           _ioffe_figure_1),
+    Claim("ics", 5, "BN works by reducing internal covariate shift",
+          "seed 000: 'Batch Normalization solves this [internal covariate shift] by ensuring that the inputs to each "
+          "layer have a consistent, standardized distribution'; seed 002: 'By reducing the internal covariate shift, "
+          "Batch Normalization helps the network converge faster'",
+          "supported if BN lowers both the drift of the sigmoid-input median (95% Welch CI above 0) and Santurkar et "
+          "al.'s gradient ICS (relative ℓ2, CI above a 0.01 margin); not supported if the gradient ICS is not lower "
+          "(CI below or inside the margin); inconclusive otherwise",
+          "Santurkar et al. 2018 Fig. 3 (VGG layers 5/10, deep linear net layers 9/17): 'networks with BatchNorm "
+          "often exhibit an increase in ICS'; in the deep linear net the standard network shows almost no ICS while "
+          "with BN G and G' are almost uncorrelated",
+          _ics),
     Claim("placement", 7, "BN belongs before the activation",
           "seed 000, 'Pitfall 2: Wrong Placement': 'BatchNorm after activation might reduce effectiveness'; seed 004: "
           "BN 'is usually applied after the linear transformation and before the activation function'",
