@@ -57,6 +57,8 @@ def tiny_protocols(monkeypatch):
     monkeypatch.setattr(catalog, "REESTIMATE_BATCHES", 3)
     monkeypatch.setattr(catalog, "IOFFE_THRESHOLD", {"quick": 0.5, "full": 0.5})
     monkeypatch.setattr(catalog, "ICS_STEPS", {"quick": 60, "full": 60})
+    monkeypatch.setattr(catalog, "LANDSCAPE_STEPS", {"quick": 60, "full": 60})
+    monkeypatch.setattr(catalog, "SURFACE_POINTS", 3)
 
 
 @pytest.mark.parametrize("name", sorted(CLAIMS))

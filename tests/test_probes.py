@@ -106,3 +106,43 @@ def test_ics_probe_does_not_change_training():
         results.append(trainer.model.state_dict())
     for name in results[0]:
         assert torch.equal(results[0][name], results[1][name]), name
+
+
+def test_landscape_probe_beta_matches_hand_computation_and_changes_nothing():
+    from bnlab.probes import landscape
+
+    spec = ModelSpec(hidden=(6,), activation="tanh", norm="batch")
+    trainer, data = _ics_trainer(spec, seeds=(0,))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    x, y = data.test_x[:30], data.test_y[:30]
+    out = landscape(x, y, lr=0.1, multipliers=(1.0,))(trainer)
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # by hand, with an independent autograd pass in train mode on a copy
+    import copy
+    model = copy.deepcopy(trainer.write_back()[0]).train()
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    g = torch.autograd.grad(loss, list(model.parameters()))
+    with torch.no_grad():
+        for p, gi in zip(model.parameters(), g):
+            p -= 0.1 * gi
+    model2 = copy.deepcopy(trainer.write_back()[0]).train()
+    with torch.no_grad():
+        for p, q in zip(model2.parameters(), model.parameters()):
+            p.copy_(q)
+    loss2 = torch.nn.functional.cross_entropy(model2(x), y)
+    g2 = torch.autograd.grad(loss2, list(model2.parameters()))
+    change = torch.linalg.vector_norm(torch.cat([(b - a_).flatten() for a_, b in zip(g, g2)]))
+    beta = change / (0.1 * torch.linalg.vector_norm(torch.cat([a_.flatten() for a_ in g])))
+    torch.testing.assert_close(out["beta_eff"][0], beta, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out["loss_range"][0], (loss2 - loss).abs().detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_loss_surface_center_is_the_models_loss():
+    from bnlab.probes import loss_surface
+
+    model = build_model(ModelSpec(hidden=(6,), norm="batch"), seed=0).eval()
+    x, y = torch.randn(20, 784), torch.randint(10, (20,))
+    coords, losses = loss_surface(model, x, y, points=5)
+    assert losses.shape == (5, 5) and coords[2] == 0
+    torch.testing.assert_close(losses[2, 2], torch.nn.functional.cross_entropy(model(x), y))

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["probe_forward", "preactivation_percentiles", "layer_input", "gradient_ics"]
+__all__ = ["probe_forward", "preactivation_percentiles", "layer_input", "gradient_ics", "landscape", "loss_surface"]
 
 
 def probe_forward(model: nn.Module, x: Tensor, *, train_mode: bool = True,
@@ -136,3 +136,97 @@ def gradient_ics(probe_x: Tensor, probe_y: Tensor, *, lr: float, layer_index: in
         return {"ics_l2": torch.stack(l2), "ics_rel": torch.stack(rel), "ics_cos": torch.stack(cos)}
 
     return probe
+
+
+def _loss_and_grad(model: nn.Module, params: dict[str, Tensor], x: Tensor, y: Tensor, *, grad: bool = True):
+    buffers = {n: b.clone() for n, b in model.named_buffers()}  # batch statistics; running stats untouched
+    leaves = {n: p.detach().requires_grad_(grad) for n, p in params.items()}
+    loss = nn.functional.cross_entropy(torch.func.functional_call(model, {**leaves, **buffers}, (x,)), y)
+    if not grad:
+        return loss.detach(), None
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return loss.detach(), dict(zip(leaves, grads))
+
+
+def _flat(tensors: dict[str, Tensor]) -> Tensor:
+    return torch.cat([t.flatten() for t in tensors.values()])
+
+
+def landscape(probe_x: Tensor, probe_y: Tensor, *, lr: float, multipliers: Sequence[float] = (0.5, 1, 2, 4)):
+    """A probe: Santurkar et al.'s §3.2 measurements along the gradient, per model.
+
+    With g the gradient on a fixed batch and θ_η = θ − η·g for η = lr × each multiplier:
+    ``loss_range`` = max − min of L(θ_η); ``grad_change`` = max ‖∇L(θ_η) − g‖ (gradient
+    predictiveness: small is predictive); ``beta_eff`` = max ‖∇L(θ_η) − g‖ / ‖η·g‖ (effective
+    smoothness). Batch norm runs in train mode on copies of its buffers; the RNG is restored.
+    """
+
+    def probe(trainer) -> dict[str, Tensor]:
+        rng = torch.get_rng_state()
+        out = {"loss_range": [], "grad_change": [], "beta_eff": []}
+        try:
+            for model in trainer.write_back():  # single models: per-model norms need no stacked slicing
+                was_training = model.training
+                model.train()
+                params = dict(model.named_parameters())
+                loss0, g = _loss_and_grad(model, params, probe_x, probe_y)
+                g_flat = _flat(g)
+                losses, changes, betas = [loss0], [], []
+                for m in multipliers:
+                    eta = lr * m
+                    moved = {n: p.detach() - eta * g[n] for n, p in params.items()}
+                    loss, grad = _loss_and_grad(model, moved, probe_x, probe_y)
+                    change = torch.linalg.vector_norm(_flat(grad) - g_flat)
+                    losses.append(loss)
+                    changes.append(change)
+                    betas.append(change / (eta * torch.linalg.vector_norm(g_flat)).clamp_min(1e-12))
+                model.train(was_training)
+                out["loss_range"].append(torch.stack(losses).max() - torch.stack(losses).min())
+                out["grad_change"].append(torch.stack(changes).max())
+                out["beta_eff"].append(torch.stack(betas).max())
+        finally:
+            torch.set_rng_state(rng)
+        return {name: torch.stack(values) for name, values in out.items()}
+
+    return probe
+
+
+@torch.no_grad()
+def loss_surface(model: nn.Module, x: Tensor, y: Tensor, *, radius: float = 1.0, points: int = 21,
+                 seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Loss on a 2-D grid around the weights along two random, filter-normalized directions (Li et al. 2018).
+
+    Each direction is Gaussian, rescaled per filter (per output row of a weight,
+    per entry of a bias) to the norm of the corresponding weights, so the plot's
+    scale means the same for every layer and for models with and without BN.
+    Returns ``(coordinates, losses[points, points])``; eval mode (running statistics).
+    """
+    g = torch.Generator().manual_seed(seed)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def direction():
+        d = {}
+        for n, p in params.items():
+            r = torch.randn(p.shape, generator=g)
+            if p.dim() > 1:
+                r = r * (p.flatten(1).norm(dim=1) / r.flatten(1).norm(dim=1).clamp_min(1e-12)).view(-1, *[1] * (p.dim() - 1))
+            else:
+                r = r * p.abs() / r.abs().clamp_min(1e-12)
+            d[n] = r
+        return d
+
+    d1, d2 = direction(), direction()
+    coords = torch.linspace(-radius, radius, points)
+    losses = torch.empty(points, points)
+    buffers = dict(model.named_buffers())
+    was_training = model.training
+    model.eval()
+    try:
+        for i, a in enumerate(coords):
+            for j, b in enumerate(coords):
+                state = {n: params[n] + a * d1[n] + b * d2[n] for n in params}
+                logits = torch.func.functional_call(model, {**state, **buffers}, (x,))
+                losses[i, j] = nn.functional.cross_entropy(logits, y)
+    finally:
+        model.train(was_training)
+    return coords, losses

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["lines_with_ci", "bars_with_ci", "accuracy_and_percentiles"]
+__all__ = ["lines_with_ci", "bars_with_ci", "accuracy_and_percentiles", "loss_contours"]
 
 PALETTE = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02"]
 
@@ -99,6 +99,27 @@ def accuracy_and_percentiles(path: Path, accuracy: dict[str, list[tuple[int, flo
             ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
     fig.suptitle(title)
     fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def loss_contours(path: Path, panels: dict[str, tuple], *, title: str) -> Path:
+    """Side-by-side contour plots of loss surfaces ``label -> (coords, losses[i, j])``, on one colour scale."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6))
+    axes = np.atleast_1d(axes)
+    top = max(float(np.percentile(np.asarray(losses), 95)) for _, losses in panels.values())
+    levels = np.linspace(0, top, 21)
+    for ax, (label, (coords, losses)) in zip(axes, panels.items()):
+        c = np.asarray(coords)
+        cs = ax.contourf(c, c, np.clip(np.asarray(losses).T, 0, top), levels=levels, cmap="viridis")
+        ax.plot(0, 0, "r+", ms=12)
+        ax.set_title(label)
+        ax.set_xlabel("direction 1 (filter-normalized)")
+        ax.set_ylabel("direction 2")
+    fig.colorbar(cs, ax=list(axes), label="training loss")
+    fig.suptitle(title)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -8,8 +8,8 @@ import torch
 
 from bnlab.experiments.claims.base import Arm, Claim, ClaimContext, ClaimResult, compare_interval
 from bnlab.models import PRESETS, ModelSpec
-from bnlab.probes import gradient_ics, preactivation_percentiles
-from bnlab.report.plots import accuracy_and_percentiles, bars_with_ci, lines_with_ci
+from bnlab.probes import gradient_ics, landscape, loss_surface, preactivation_percentiles
+from bnlab.report.plots import accuracy_and_percentiles, bars_with_ci, lines_with_ci, loss_contours
 from bnlab.stats import first_step_reaching, mean_ci, welch_diff
 from bnlab.train import StackedTrainer, TrainConfig, prepare_data
 
@@ -31,6 +31,8 @@ STEPS = {
 IOFFE_STEPS = {"quick": 3000, "full": 50000}  # the paper's 50k steps in full
 IOFFE_THRESHOLD = {"quick": 0.90, "full": 0.95}  # a 3000-step sigmoid net does not reach 95%
 ICS_STEPS = {"quick": 3000, "full": 10000}
+LANDSCAPE_STEPS = {"quick": 2000, "full": 10000}
+SURFACE_POINTS = 21
 SMALL_BATCH_SAMPLES = {"quick": 9600, "full": 60000}  # samples seen per run, equal for every batch size
 SMALL_BATCHES = (2, 4, 8, 16, 32)
 GHOST = {"quick": {"epochs": 3, "large": 2048, "small": 128, "virtual": 128},
@@ -338,6 +340,58 @@ def _ics(ctx: ClaimContext) -> ClaimResult:
     return ClaimResult("ics", ctx.protocol_name, protocol, ctx.seeds,
                        "distribution drift, and gradient-based ICS (relative ℓ2, cosine)", numbers, verdict, reason,
                        [plot], runs, 0.0)
+
+
+# -- 6. A smoother optimization landscape ------------------------------------------------------------------
+
+
+def _landscape(ctx: ClaimContext) -> ClaimResult:
+    spec, cfg = _preset("ioffe-mlp")
+    steps = LANDSCAPE_STEPS[ctx.protocol_name]
+    cfg = cfg.with_(epochs=None, steps=steps, eval_every=max(50, steps // 20))
+    dataset = ctx.dataset(cfg.dataset)
+    train_x, train_y = dataset.tensors("train", scaling=cfg.scaling)
+    probe = landscape(train_x[:256], train_y[:256], lr=cfg.lr)
+    arms, runs = {}, {}
+    for label, norm in (("no BN", "none"), ("BN", "batch")):
+        arms[label] = ctx.train("landscape", Arm(label, spec.with_(norm=norm), cfg), probes=(probe,))
+        runs[label] = [r["run_id"] for r in arms[label]["per_seed"]]
+    names = ("beta_eff", "loss_range", "grad_change")
+    per_seed = {label: {n: [_series_mean(s["series"][r["run_id"]].get(n, [])) for r in s["per_seed"]] for n in names}
+                for label, s in arms.items()}
+    diffs = {n: welch_diff(per_seed["no BN"][n], per_seed["BN"][n]) for n in names}
+    numbers = {**{n: {label: mean_ci(v[n]).to_dict() for label, v in per_seed.items()} for n in names},
+               **{f"{n}_no_bn_minus_bn": d.to_dict() for n, d in diffs.items()}}
+    smoother, flatter = compare_interval(diffs["beta_eff"]), compare_interval(diffs["loss_range"])
+    if smoother == "positive" and flatter == "positive":
+        verdict, reason = "supported", "with BN both the effective β-smoothness and the loss range along the gradient are lower (CIs)"
+    elif "negative" in (smoother, flatter):
+        verdict, reason = "not supported", f"a measure is higher with BN (β_eff: {smoother}, loss range: {flatter})"
+    else:
+        verdict, reason = "inconclusive", f"β_eff: {smoother}, loss range: {flatter}"
+    series = {}
+    for label, s in arms.items():
+        first = s["series"][s["per_seed"][0]["run_id"]]
+        series[f"{label}: β_eff"] = [(st, {"mean": v, "low": v, "high": v}) for st, v in first.get("beta_eff", [])]
+    curve = lines_with_ci(_plot(ctx, "landscape-beta"), series, title="Effective β-smoothness along the gradient (seed 0)",
+                          xlabel="training step", ylabel="max ‖∇L(θ−ηg) − g‖ / ‖ηg‖")
+    panels = {}
+    for label, s in arms.items():
+        trainer = StackedTrainer(spec.with_(norm="none" if label == "no BN" else "batch"), cfg, list(range(ctx.seeds)),
+                                 prepare_data(dataset, cfg, spec))
+        trainer.load_checkpoint(ctx.store.checkpoint_path(s["group_id"]))
+        model = trainer.write_back()[0]
+        panels[label] = loss_surface(model, train_x[:1000], train_y[:1000], points=SURFACE_POINTS)
+    surface = loss_contours(_plot(ctx, "landscape-surface"), panels,
+                            title="Training loss around the final weights, two random filter-normalized directions (seed 0)")
+    protocol = (f"ioffe-mlp preset, {steps} steps, with and without BN; every {cfg.eval_every} steps on a fixed batch of "
+                f"256 training images, with g the gradient: the loss and gradient at θ − η·g for η = lr × (0.5, 1, 2, 4) "
+                "(Santurkar et al. use ½–4 × the step size); β_eff = max ‖∇L(θ−ηg) − g‖/‖ηg‖, loss range, gradient "
+                "change, averaged after the first 10% of training; plus the loss surface around the final weights "
+                f"on a {SURFACE_POINTS}×{SURFACE_POINTS} grid along two filter-normalized random directions")
+    return ClaimResult("landscape", ctx.protocol_name, protocol, ctx.seeds,
+                       "effective β-smoothness and loss range along the gradient", numbers, verdict, reason,
+                       [curve, surface], runs, 0.0)
 
 
 # -- 7. Placement before vs after the activation -------------------------------------------------------------
@@ -754,6 +808,15 @@ CLAIMS: dict[str, Claim] = {c.name: c for c in [
           "often exhibit an increase in ICS'; in the deep linear net the standard network shows almost no ICS while "
           "with BN G and G' are almost uncorrelated",
           _ics),
+    Claim("landscape", 6, "BN smooths the optimization landscape",
+          "seed 001: 'Modern research suggests Batch Norm's primary benefit is making the optimization landscape "
+          "significantly smoother'; seed 003: BN 'results in a smoother contour plot'",
+          "supported if, with BN, both the effective β-smoothness and the loss range along the gradient are lower "
+          "(95% Welch CIs of no BN − BN above 0); not supported if either is higher with BN (CI below 0); "
+          "inconclusive otherwise",
+          "Santurkar et al. 2018 Fig. 4 (VGG on CIFAR-10): with BN the loss range, gradient predictiveness range and "
+          "β_eff are all smaller, the gradient gap 'close to two orders of magnitude ... especially early in training'",
+          _landscape),
     Claim("placement", 7, "BN belongs before the activation",
           "seed 000, 'Pitfall 2: Wrong Placement': 'BatchNorm after activation might reduce effectiveness'; seed 004: "
           "BN 'is usually applied after the linear transformation and before the activation function'",
