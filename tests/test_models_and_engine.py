@@ -239,3 +239,12 @@ def test_gradient_accumulation_with_batch_norm_sees_micro_batches():
     assert not torch.allclose(full.model.layers[1].weight, accumulated.model.layers[1].weight)
     with pytest.raises(ValueError, match="divide batch_size"):
         CFG.with_(accumulate=5)
+
+
+def test_drop_last_skips_the_incomplete_batch():
+    data = prepare_data(fake_dataset(n_train=100), CFG, TINY_MLP)
+    trainer = StackedTrainer(TINY_MLP, CFG.with_(batch_size=32, drop_last=True), [0], data)
+    assert trainer.steps_per_epoch == 3
+    assert all(len(trainer.batch_indices(s)) == 32 for s in range(3))
+    ghost = ModelSpec(hidden=(8,), norm="ghost", virtual_batch_size=16)
+    StackedTrainer(ghost, CFG.with_(batch_size=32, drop_last=True), [0], data).run()  # 100 % 32 != 0 is fine now

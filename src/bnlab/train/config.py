@@ -26,6 +26,9 @@ class TrainConfig:
         data_seed: the batch order; all K stacked models see the same batches.
         bf16: bfloat16 autocast for matmuls and convolutions (off by default).
         checkpoint_every: save a resumable checkpoint every this many steps.
+        drop_last: skip the last, incomplete batch of every epoch (as DataLoader's
+            ``drop_last``), e.g. for Ghost BN, which needs batches that are a multiple
+            of its virtual batch size.
         accumulate: split each batch into this many micro-batches, each with its own
             forward and backward pass, and take one optimizer step on the summed
             gradients (gradient accumulation). Batch norm then sees micro-batches
@@ -47,6 +50,7 @@ class TrainConfig:
     bf16: bool = False
     checkpoint_every: int = 500
     accumulate: int = 1
+    drop_last: bool = False
 
     def __post_init__(self):
         if self.dataset not in ("mnist", "fashion"):
@@ -69,6 +73,10 @@ class TrainConfig:
             raise ValueError("eval_every and checkpoint_every must be at least 1")
 
     def steps_per_epoch(self, n_train: int) -> int:
+        if self.drop_last:
+            if n_train < self.batch_size:
+                raise ValueError(f"drop_last with batch_size {self.batch_size} leaves no batch of {n_train} examples")
+            return n_train // self.batch_size
         return math.ceil(n_train / self.batch_size)
 
     def total_steps(self, n_train: int) -> int:

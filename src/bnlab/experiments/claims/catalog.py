@@ -695,7 +695,7 @@ def _accumulation(ctx: ClaimContext) -> ClaimResult:
 def _ghost(ctx: ClaimContext) -> ClaimResult:
     p = GHOST[ctx.protocol_name]
     base = TrainConfig(optimizer="sgd", lr=0.1, momentum=0.9, batch_size=p["small"], epochs=p["epochs"],
-                       scaling="unit", eval_every=100)
+                       scaling="unit", eval_every=100, drop_last=True)  # ghost batches must tile every batch
     large_lr = 0.1 * (p["large"] / p["small"]) ** 0.5  # Hoffer et al.'s square-root scaling
     large = base.with_(batch_size=p["large"], lr=large_lr, eval_every=10)
     arms = {
