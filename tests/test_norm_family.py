@@ -463,3 +463,15 @@ def test_family_equivalences_hold_for_any_shape(x):
     for layer in (renorm, ghost):
         torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(layer.running_var, bn.running_var, rtol=1e-5, atol=1e-5)
+
+
+def test_renorm_skip_nonfinite_update():
+    layer = bnn.BatchRenorm1d(3, skip_nonfinite_update=True)
+    layer(torch.randn(8, 3))
+    kept = (layer.running_mean.clone(), layer.running_var.clone())
+    bad = torch.randn(8, 3)
+    bad[2, 1] = float("nan")
+    layer(bad)
+    assert torch.equal(layer.running_mean, kept[0]) and torch.equal(layer.running_var, kept[1])
+    layer(torch.randn(8, 3))
+    assert not torch.equal(layer.running_var, kept[1])

@@ -23,13 +23,6 @@ class Interval:
     def half_width(self) -> float:
         return (self.high - self.low) / 2
 
-    def format(self, digits: int = 4, scale: float = 1.0, unit: str = "") -> str:
-        if self.n == 0:
-            return "n/a"
-        if self.n == 1:
-            return f"{self.mean * scale:.{digits}f}{unit} (1 seed, no CI)"
-        return f"{self.mean * scale:.{digits}f} ± {self.half_width * scale:.{digits}f}{unit}"
-
     def to_dict(self) -> dict:
         return {**asdict(self), "half_width": self.half_width}
 

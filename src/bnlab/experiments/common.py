@@ -11,10 +11,13 @@ __all__ = ["THRESHOLDS", "summarise_group"]
 THRESHOLDS = (0.95, 0.97)
 
 
-def summarise_group(store: RunStore, result: GroupResult) -> dict:
-    """Per-seed final metrics and steps-to-threshold, their means with 95% CIs, and the curves."""
+def summarise_group(store: RunStore, result: GroupResult, *, all_series: bool = False) -> dict:
+    """Per-seed final metrics and steps-to-threshold, their means with 95% CIs, and the curves.
+
+    ``all_series`` also returns every stored metric series (probes included) as ``series``.
+    """
     per_seed = []
-    curves = {}
+    curves, every = {}, {}
     for run_id in result.run_ids:
         record = store.run(run_id)
         series = store.metrics(run_id)
@@ -36,6 +39,7 @@ def summarise_group(store: RunStore, result: GroupResult) -> dict:
             row[f"steps_to_{round(threshold * 100)}"] = first_step_reaching(test_acc, threshold)
         per_seed.append(row)
         curves[run_id] = {name: series.get(name, []) for name in ("test_acc", "test_loss", "train_loss")}
+        every[run_id] = series
 
     def interval(key):
         return mean_ci([r[key] for r in per_seed if r.get(key) is not None]).to_dict()
@@ -44,7 +48,7 @@ def summarise_group(store: RunStore, result: GroupResult) -> dict:
     for threshold in THRESHOLDS:
         key = f"steps_to_{round(threshold * 100)}"
         aggregate[key] = {**interval(key), "reached": sum(r[key] is not None for r in per_seed), "of": len(per_seed)}
-    return {
+    summary = {
         "group_id": result.group_id,
         "reused": result.reused,
         "train_wall_seconds": result.wall_seconds,
@@ -53,3 +57,6 @@ def summarise_group(store: RunStore, result: GroupResult) -> dict:
         "per_seed": per_seed,
         "curves": curves,
     }
+    if all_series:
+        summary["series"] = every
+    return summary

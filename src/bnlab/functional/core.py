@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["compute_stats", "normalize", "update_running_stats", "stats_dtype"]
+__all__ = ["compute_stats", "normalize", "update_running_stats", "stats_dtype", "channel_view"]
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -31,6 +31,11 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     least. float64 stays float64.
     """
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def channel_view(t: Tensor | None, ndim: int) -> Tensor | None:
+    """A per-channel ``(C,)`` tensor viewed as ``(1, C, 1, ...)`` to broadcast against an ``ndim`` input."""
+    return None if t is None else t.view((1, -1) + (1,) * (ndim - 2))
 
 
 def compute_stats(

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from bnlab.functional.core import compute_stats, normalize, update_running_stats
+from bnlab.functional.core import channel_view, compute_stats, normalize, update_running_stats
 
 __all__ = ["Kernel", "register_kernel", "kernel_names", "select_kernel", "memory_layout", "LAYOUTS"]
 
@@ -100,10 +100,6 @@ def _native_kernel(x, running_mean, running_var, weight, bias, training, momentu
                                 torch.backends.cudnn.enabled)
 
 
-def _channel_view(t: Tensor | None, ndim: int) -> Tensor | None:
-    return None if t is None else t.view((1, -1) + (1,) * (ndim - 2))
-
-
 def _composite_kernel(x, running_mean, running_var, weight, bias, training, momentum, eps, correction):
     if training:
         reduce_dims = [0, *range(2, x.dim())]
@@ -118,10 +114,10 @@ def _composite_kernel(x, running_mean, running_var, weight, bias, training, mome
         mean, var = running_mean, running_var
     return normalize(
         x,
-        _channel_view(mean, x.dim()),
-        _channel_view(var, x.dim()),
-        _channel_view(weight, x.dim()),
-        _channel_view(bias, x.dim()),
+        channel_view(mean, x.dim()),
+        channel_view(var, x.dim()),
+        channel_view(weight, x.dim()),
+        channel_view(bias, x.dim()),
         eps,
     )
 

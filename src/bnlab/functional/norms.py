@@ -8,10 +8,12 @@ running statistics mean.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
-from bnlab.functional.core import compute_stats, normalize
+from bnlab.functional.core import channel_view, compute_stats, normalize
 from bnlab.functional.kernels import corrected_running_var, memory_layout, select_kernel
 
 __all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "batch_renorm", "ghost_batch_norm"]
@@ -93,35 +95,35 @@ def batch_norm(
             "so running_mean and running_var must be given"
         )
     chosen = select_kernel(input, running_var_correction, kernel)
-    guard = (
-        skip_nonfinite_update
-        and training
-        and input.numel() > 0
-        and (running_mean is not None or running_var is not None)
-    )
-    if not guard:
+    if not (skip_nonfinite_update and training and input.numel() > 0):  # the hot path: straight to the kernel
         return chosen.fn(
             input, running_mean, running_var, weight, bias, training, momentum, eps, running_var_correction
         )
-    # Update copies, then keep them only if all finite: a branch-free select, so
-    # there is no host sync and no data-dependent control flow for torch.compile.
+    with _keep_if_finite(running_mean, running_var, True) as (target_mean, target_var):
+        return chosen.fn(
+            input, target_mean, target_var, weight, bias, training, momentum, eps, running_var_correction
+        )
+
+
+@contextlib.contextmanager
+def _keep_if_finite(running_mean: Tensor | None, running_var: Tensor | None, enabled: bool):
+    """Yield the buffers an update should write to; with ``enabled``, copies that are kept only if
+    every updated value is finite. The choice is a branch-free select, so there is no host sync and
+    no data-dependent control flow for torch.compile."""
+    if not enabled or (running_mean is None and running_var is None):
+        yield running_mean, running_var
+        return
     new_mean = None if running_mean is None else running_mean.clone()
     new_var = None if running_var is None else running_var.clone()
-    output = chosen.fn(input, new_mean, new_var, weight, bias, training, momentum, eps, running_var_correction)
+    yield new_mean, new_var
     with torch.no_grad():
-        finite = torch.ones((), dtype=torch.bool, device=input.device)
+        finite = torch.ones((), dtype=torch.bool, device=(new_mean if new_mean is not None else new_var).device)
         for new in (new_mean, new_var):
             if new is not None:
                 finite = finite & torch.isfinite(new).all()
         for old, new in ((running_mean, new_mean), (running_var, new_var)):
             if old is not None:
                 old.copy_(torch.where(finite, new, old))
-    return output
-
-
-def _channel(t: Tensor | None, ndim: int) -> Tensor | None:
-    return None if t is None else t.view((1, -1) + (1,) * (ndim - 2))
-
 
 def layer_norm(
     input: Tensor,
@@ -175,9 +177,9 @@ def group_norm(
         mean, var = compute_stats(grouped, [2], keepdim=True)
         y = normalize(grouped, mean, var, eps=eps).reshape(input.shape)
         if weight is not None:
-            y = y * _channel(weight, input.dim())
+            y = y * channel_view(weight, input.dim())
         if bias is not None:
-            y = y + _channel(bias, input.dim())
+            y = y + channel_view(bias, input.dim())
         return y
     _check_kernel_name(kernel)
     return torch.group_norm(input, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
@@ -220,9 +222,9 @@ def instance_norm(
                 running_var.copy_(temp_var.view(n, c).mean(0))
         y = y.reshape(input.shape)
         if weight is not None:
-            y = y * _channel(weight, input.dim())
+            y = y * channel_view(weight, input.dim())
         if bias is not None:
-            y = y + _channel(bias, input.dim())
+            y = y + channel_view(bias, input.dim())
         return y
     _check_kernel_name(kernel)
     return torch.instance_norm(input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
@@ -272,18 +274,9 @@ def batch_renorm(
     _check_enough_values(input)
     with torch.no_grad():
         old_mean, old_sigma = running_mean.clone(), torch.sqrt(running_var + eps)
-    target_mean, target_var = running_mean, running_var
-    if skip_nonfinite_update:
-        target_mean, target_var = running_mean.clone(), running_var.clone()
-    y = _BatchRenorm.apply(input, weight, bias, target_mean, target_var, old_mean, old_sigma, momentum, eps,
-                           r_max, d_max, running_var_correction)
-    if skip_nonfinite_update:
-        with torch.no_grad():
-            keep = torch.isfinite(target_mean).all() & torch.isfinite(target_var).all()
-            running_mean.copy_(torch.where(keep, target_mean, running_mean))
-            running_var.copy_(torch.where(keep, target_var, running_var))
-    return y
-
+    with _keep_if_finite(running_mean, running_var, skip_nonfinite_update) as (target_mean, target_var):
+        return _BatchRenorm.apply(input, weight, bias, target_mean, target_var, old_mean, old_sigma, momentum, eps,
+                                  r_max, d_max, running_var_correction)
 
 class _BatchRenorm(torch.autograd.Function):
     """Batch renorm from one native batch-norm call.
@@ -307,7 +300,7 @@ class _BatchRenorm(torch.autograd.Function):
         if bias is not None:
             shift = shift + bias * (1.0 - r)
         ndim = x.dim()
-        torch.addcmul(_channel(shift, ndim).to(y.dtype), y, _channel(r, ndim).to(y.dtype), out=y)  # one sweep
+        torch.addcmul(channel_view(shift, ndim).to(y.dtype), y, channel_view(r, ndim).to(y.dtype), out=y)  # one sweep
         ctx.save_for_backward(x, weight, batch_mean, batch_invstd, r, d)
         ctx.eps = eps
         return y
@@ -317,7 +310,7 @@ class _BatchRenorm(torch.autograd.Function):
         x, weight, batch_mean, batch_invstd, r, d = ctx.saved_tensors
         need_w = weight is not None and ctx.needs_input_grad[1]
         need_b = ctx.needs_input_grad[2]
-        scaled = grad_out * _channel(r, x.dim())
+        scaled = grad_out * channel_view(r, x.dim())
         grad_x, grad_w0, grad_b0 = torch.ops.aten.native_batch_norm_backward(
             scaled, x, weight, None, None, batch_mean, batch_invstd, True, ctx.eps,
             [ctx.needs_input_grad[0], True, True])

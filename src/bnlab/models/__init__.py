@@ -2,6 +2,6 @@
 
 from bnlab.models.fused import StackedModel
 from bnlab.models.presets import PRESETS
-from bnlab.models.spec import ModelSpec, build_model, count_parameters, flops_per_sample
+from bnlab.models.spec import ModelSpec, build_model
 
-__all__ = ["ModelSpec", "build_model", "count_parameters", "flops_per_sample", "StackedModel", "PRESETS"]
+__all__ = ["ModelSpec", "build_model", "StackedModel", "PRESETS"]

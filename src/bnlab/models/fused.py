@@ -241,9 +241,6 @@ class StackedModel(nn.Module):
                     getattr(original, name).copy_(value)
         return self._source_models
 
-    def source_models(self) -> list[nn.Sequential]:
-        return self._source_models
-
 
 def per_model_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     """Mean cross-entropy of each of the K models: ``(B, K, classes), (B,) -> (K,)``."""

@@ -9,7 +9,6 @@ torch tool works on them, and :mod:`bnlab.models.fused` can stack K of them.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -187,21 +186,3 @@ def _initialize(model: nn.Module, spec: ModelSpec) -> None:
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def flops_per_sample(model: nn.Sequential) -> int:
-    """Multiply-adds ×2 of the linear and conv layers for one forward sample."""
-    total, x = 0, torch.zeros(1, 1, 28, 28)
-    with torch.no_grad():
-        model = model.eval()
-        for layer in model:
-            y = layer(x)
-            if isinstance(layer, nn.Linear):
-                total += 2 * layer.in_features * layer.out_features
-            elif isinstance(layer, nn.Conv2d):
-                total += 2 * math.prod(layer.weight.shape) * y.shape[-1] * y.shape[-2]
-            x = y
-    return total

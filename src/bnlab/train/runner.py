@@ -29,7 +29,7 @@ from bnlab.store import RunStore, StoreError, config_key
 from bnlab.train.config import TrainConfig
 from bnlab.train.engine import Probe, StackedTrainer, StopRequested, graceful_stop, prepare_data
 
-__all__ = ["GroupResult", "run_group", "resume", "group_config", "code_version"]
+__all__ = ["GroupResult", "run_group", "resume", "trained_models", "group_config", "code_version"]
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,17 @@ def resume(store: RunStore, run_id: str, *, progress: bool = True) -> GroupResul
     c = record.config
     return run_group(store, c["label"], ModelSpec.from_dict(c["model"]), TrainConfig.from_dict(c["train"]),
                      c["seeds"], progress=progress)
+
+
+def trained_models(store: RunStore, group_id: str) -> list:
+    """The K models of a trained group (from its checkpoint), as plain ``nn.Sequential`` in seed order."""
+    from bnlab.models import StackedModel, build_model
+
+    config = store.runs(group_id=group_id)[0].config
+    spec = ModelSpec.from_dict(config["model"])
+    stacked = StackedModel([build_model(spec, seed=s) for s in config["seeds"]])
+    stacked.load_state_dict(torch.load(store.checkpoint_path(group_id), weights_only=False)["model"])
+    return stacked.write_back()
 
 
 def _train(store: RunStore, trainer: StackedTrainer, group_id: str, run_ids: list[str], label: str,

@@ -63,9 +63,7 @@ class ClaimContext:
         """
         result = run_group(self.store, f"claim:{claim}/{arm.label}", arm.spec, arm.cfg, list(range(self.seeds)),
                            dataset=self.dataset(arm.cfg.dataset), probes=probes, progress=self.progress)
-        summary = {**summarise_group(self.store, result), "label": arm.label}
-        summary["series"] = {r["run_id"]: self.store.metrics(r["run_id"]) for r in summary["per_seed"]}
-        return summary
+        return {**summarise_group(self.store, result, all_series=True), "label": arm.label}
 
     @property
     def protocol_name(self) -> str:
@@ -155,6 +153,3 @@ def compare_interval(iv: Interval, *, margin: float = 0.0) -> str:
         return "equivalent"
     return "unclear"
 
-
-def interval_dict(iv: Interval) -> dict:
-    return iv.to_dict()

@@ -12,6 +12,7 @@ from bnlab.probes import gradient_ics, landscape, loss_surface, preactivation_pe
 from bnlab.report.plots import accuracy_and_percentiles, bars_with_ci, lines_with_ci, loss_contours
 from bnlab.stats import first_step_reaching, mean_ci, welch_diff
 from bnlab.train import StackedTrainer, TrainConfig, prepare_data
+from bnlab.train.runner import trained_models
 
 __all__ = ["CLAIMS"]
 
@@ -64,6 +65,15 @@ def _values(summary: dict, key: str, censor_at_total: bool = False) -> list[floa
     return out
 
 
+def _verdict(where: str, supported: str, refuted: str, unclear: str) -> tuple[str, str]:
+    """The usual rule: a positive interval supports, a negative or negligible one refutes."""
+    if where == "positive":
+        return "supported", supported
+    if where in ("negative", "equivalent"):
+        return "not supported", refuted
+    return "inconclusive", unclear
+
+
 def _plot(ctx: ClaimContext, name: str) -> str:
     """Where a claim's plot goes; named by protocol, so a quick run never overwrites a full one."""
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
@@ -75,28 +85,25 @@ def _plot(ctx: ClaimContext, name: str) -> str:
 
 def _trains_faster(ctx: ClaimContext) -> ClaimResult:
     recipes = {"torch-mlp": QUICK_EPOCHS} if ctx.quick else {"torch-mlp": None, "keras-mlp": None, "keras-cnn": None}
-    numbers, runs, groups = {}, {}, {}
+    numbers, runs, where = {}, {}, {}
     for recipe, epochs in recipes.items():
         spec, cfg = _preset(recipe, epochs)
         arms = {label: ctx.train("trains-faster", Arm(f"{recipe}/{label}", spec.with_(norm=norm), cfg))
                 for label, norm in (("no BN", "none"), ("BN", "batch"))}
-        groups[recipe] = arms
         for label, summary in arms.items():
             runs[f"{recipe}/{label}"] = [r["run_id"] for r in summary["per_seed"]]
         steps = {label: _values(s, "steps_to_95", censor_at_total=True) for label, s in arms.items()}
         diff = welch_diff(steps["no BN"], steps["BN"])
+        where[recipe] = compare_interval(diff)
         numbers[recipe] = {
             "steps_to_95_no_bn": mean_ci(steps["no BN"]).to_dict(),
             "steps_to_95_bn": mean_ci(steps["BN"]).to_dict(),
             "difference_no_bn_minus_bn": diff.to_dict(),
-            "ratio_of_means": diff.mean / max(1e-9, mean_ci(steps["BN"]).mean) + 1.0,
+            "ratio_of_means": mean_ci(steps["no BN"]).mean / max(1e-9, mean_ci(steps["BN"]).mean),
             "not_reached": {label: s["aggregate"]["steps_to_95"]["of"] - s["aggregate"]["steps_to_95"]["reached"]
                             for label, s in arms.items()},
             "final_test_acc": {label: s["aggregate"]["final_test_acc"] for label, s in arms.items()},
         }
-    where = {recipe: compare_interval(welch_diff(_values(groups[recipe]["no BN"], "steps_to_95", True),
-                                                 _values(groups[recipe]["BN"], "steps_to_95", True)))
-             for recipe in recipes}
     if all(w == "positive" for w in where.values()):
         verdict, reason = "supported", "for every recipe the 95% CI of (steps without BN − steps with BN) lies above 0"
     elif any(w == "negative" for w in where.values()):
@@ -119,7 +126,7 @@ def _trains_faster(ctx: ClaimContext) -> ClaimResult:
 # -- 2. BN tolerates higher learning rates ------------------------------------------------------------------
 
 
-def _sweep_plot(ctx, name, results, xkey, title, xlabel):
+def _sweep_plot(ctx, name, results, title, xlabel):
     series = {}
     for (act, label), points in results.items():
         series[f"{act}, {label}"] = [(x, iv) for x, iv in points]
@@ -158,7 +165,7 @@ def _higher_lr(ctx: ClaimContext) -> ClaimResult:
         verdict, reason = "not supported", f"at lr {top} BN's advantage is below 5 points (CI {diff.low:.3f}..{diff.high:.3f})"
     else:
         verdict, reason = "inconclusive", f"the CI of BN's advantage at lr {top} straddles 5 points ({where})"
-    plot = _sweep_plot(ctx, "higher-lr", results, "lr", "Final test accuracy vs learning rate (784-100x3-10)",
+    plot = _sweep_plot(ctx, "higher-lr", results, "Final test accuracy vs learning rate (784-100x3-10)",
                        "learning rate (SGD)")
     protocol = (f"784-100-100-100-10, ReLU and sigmoid, BN before the activation (no bias), N(0, 0.05²) init, "
                 f"plain SGD, batch 60, {steps} steps, learning rates {list(lrs)}, MNIST pixels in [0, 1]")
@@ -203,7 +210,7 @@ def _init_sensitivity(ctx: ClaimContext) -> ClaimResult:
         verdict, reason = "not supported", "BN's worst-case advantage is below 5 points (CI)"
     else:
         verdict, reason = "inconclusive", "the CI of BN's worst-case advantage straddles 5 points"
-    plot = _sweep_plot(ctx, "init-sensitivity", results, "init", "Final test accuracy vs initial weight std (ReLU)",
+    plot = _sweep_plot(ctx, "init-sensitivity", results, "Final test accuracy vs initial weight std (ReLU)",
                        "std of the initial weights")
     protocol = (f"784-100-100-100-10 ReLU, N(0, std²) init with std in {list(scales)}, plain SGD lr 0.1, "
                 f"batch 60, {steps} steps, with and without BN")
@@ -375,13 +382,9 @@ def _landscape(ctx: ClaimContext) -> ClaimResult:
         series[f"{label}: β_eff"] = [(st, {"mean": v, "low": v, "high": v}) for st, v in first.get("beta_eff", [])]
     curve = lines_with_ci(_plot(ctx, "landscape-beta"), series, title="Effective β-smoothness along the gradient (seed 0)",
                           xlabel="training step", ylabel="max ‖∇L(θ−ηg) − g‖ / ‖ηg‖")
-    panels = {}
-    for label, s in arms.items():
-        trainer = StackedTrainer(spec.with_(norm="none" if label == "no BN" else "batch"), cfg, list(range(ctx.seeds)),
-                                 prepare_data(dataset, cfg, spec))
-        trainer.load_checkpoint(ctx.store.checkpoint_path(s["group_id"]))
-        model = trainer.write_back()[0]
-        panels[label] = loss_surface(model, train_x[:1000], train_y[:1000], points=SURFACE_POINTS)
+    panels = {label: loss_surface(trained_models(ctx.store, s["group_id"])[0], train_x[:1000], train_y[:1000],
+                                  points=SURFACE_POINTS)
+              for label, s in arms.items()}
     surface = loss_contours(_plot(ctx, "landscape-surface"), panels,
                             title="Training loss around the final weights, two random filter-normalized directions (seed 0)")
     protocol = (f"ioffe-mlp preset, {steps} steps, with and without BN; every {cfg.eval_every} steps on a fixed batch of "
@@ -495,11 +498,8 @@ def _train_vs_eval(ctx: ClaimContext) -> ClaimResult:
     spec = spec.with_(norm="batch")
     arm = Arm("torch-mlp/BN", spec, cfg)  # the same arm as claim 1: trained once, shared through the store
     summary = ctx.train("trains-faster", arm)
-    dataset = ctx.dataset(cfg.dataset)
-    data = prepare_data(dataset, cfg, spec)
-    trainer = StackedTrainer(spec, cfg, list(range(ctx.seeds)), data)
-    trainer.load_checkpoint(ctx.store.checkpoint_path(summary["group_id"]))
-    models = trainer.write_back()
+    data = prepare_data(ctx.dataset(cfg.dataset), cfg, spec)
+    models = trained_models(ctx.store, summary["group_id"])
     eval_acc, train_acc = [], {b: [] for b in EVAL_BATCHES}
     for model in models:
         model.eval()
@@ -515,12 +515,9 @@ def _train_vs_eval(ctx: ClaimContext) -> ClaimResult:
         "train_mode_acc_by_eval_batch": {str(b): mean_ci(v).to_dict() for b, v in train_acc.items()},
         "drop_by_eval_batch": {str(b): d.to_dict() for b, d in drops.items()},
     }
-    if where == "positive":
-        verdict, reason = "supported", f"at eval batch {EVAL_BATCHES[0]} train mode loses more than 1 point (CI)"
-    elif where in ("negative", "equivalent"):
-        verdict, reason = "not supported", f"at eval batch {EVAL_BATCHES[0]} the loss is below 1 point (CI)"
-    else:
-        verdict, reason = "inconclusive", "the CI of the loss at the smallest eval batch straddles 1 point"
+    verdict, reason = _verdict(where, f"at eval batch {EVAL_BATCHES[0]} train mode loses more than 1 point (CI)",
+                               f"at eval batch {EVAL_BATCHES[0]} the loss is below 1 point (CI)",
+                               "the CI of the loss at the smallest eval batch straddles 1 point")
     plot = lines_with_ci(_plot(ctx, "train-vs-eval"),
                          {"model left in train mode": [(b, mean_ci(train_acc[b]).to_dict()) for b in EVAL_BATCHES]},
                          title="Test accuracy of a BN model evaluated in train mode", xlabel="evaluation batch size",
@@ -561,12 +558,9 @@ def _regularization(ctx: ClaimContext) -> ClaimResult:
         "acc_bn_dropout_minus_bn": dropout_adds.to_dict(),
     }
     regularizes = compare_interval(bn_vs_none, margin=0.001)
-    if regularizes == "positive":
-        verdict, reason = "supported", "BN's train–test gap is smaller than without BN by more than 0.1 points (CI)"
-    elif regularizes in ("negative", "equivalent"):
-        verdict, reason = "not supported", f"BN does not shrink the train–test gap by 0.1 points ({regularizes})"
-    else:
-        verdict, reason = "inconclusive", "the CI of the gap difference straddles the 0.1-point margin"
+    verdict, reason = _verdict(regularizes, "BN's train–test gap is smaller than without BN by more than 0.1 points (CI)",
+                               f"BN does not shrink the train–test gap by 0.1 points ({regularizes})",
+                               "the CI of the gap difference straddles the 0.1-point margin")
     plot = bars_with_ci(_plot(ctx, "regularization"), ["train–test gap", "test accuracy"],
                         {label: [mean_ci(gaps[label]).to_dict(), mean_ci(accs[label]).to_dict()] for label in arms},
                         title="Regularization: train–test accuracy gap and test accuracy", ylabel="percent",
@@ -626,15 +620,12 @@ def _frozen_transfer(ctx: ClaimContext) -> ClaimResult:
     accs = {t: _finetune_accuracy(ctx, spec, tune_cfg, pretrained["group_id"], t) for t in treatments}
     gain = welch_diff(accs["frozen"], accs["updating"])
     where = compare_interval(gain, margin=0.005)
+    verdict, reason = _verdict(where, "fine-tuning with frozen BN beats letting BN update by more than 0.5 points (CI)",
+                               f"frozen BN is not better by 0.5 points than updating BN ({where})",
+                               "the CI of frozen BN's advantage straddles the 0.5-point margin")
     numbers = {"fashion_test_acc": {t: mean_ci(v).to_dict() for t, v in accs.items()},
                "frozen_minus_updating": gain.to_dict(),
                "reestimated_minus_updating": welch_diff(accs["re-estimated, then frozen"], accs["updating"]).to_dict()}
-    if where == "positive":
-        verdict, reason = "supported", "fine-tuning with frozen BN beats letting BN update by more than 0.5 points (CI)"
-    elif where in ("negative", "equivalent"):
-        verdict, reason = "not supported", f"frozen BN is not better by 0.5 points than updating BN ({where})"
-    else:
-        verdict, reason = "inconclusive", "the CI of frozen BN's advantage straddles the 0.5-point margin"
     plot = bars_with_ci(_plot(ctx, "frozen-transfer"), ["Fashion-MNIST test accuracy"],
                         {t: [mean_ci(v).to_dict()] for t, v in accs.items()},
                         title="Fine-tuning an MNIST model on Fashion-MNIST: what to do with BN",
@@ -715,12 +706,9 @@ def _ghost(ctx: ClaimContext) -> ClaimResult:
     numbers = {"final_test_acc": {label: mean_ci(v).to_dict() for label, v in accs.items()},
                "ghost_minus_large_bn": gain.to_dict(), "small_minus_large_bn": gap.to_dict()}
     where = compare_interval(gain, margin=0.005)
-    if where == "positive":
-        verdict, reason = "supported", "Ghost BN beats plain BN at the large batch by more than 0.5 points (CI)"
-    elif where in ("negative", "equivalent"):
-        verdict, reason = "not supported", f"Ghost BN's gain over plain large-batch BN is below 0.5 points ({where})"
-    else:
-        verdict, reason = "inconclusive", "the CI of Ghost BN's gain straddles the 0.5-point margin"
+    verdict, reason = _verdict(where, "Ghost BN beats plain BN at the large batch by more than 0.5 points (CI)",
+                               f"Ghost BN's gain over plain large-batch BN is below 0.5 points ({where})",
+                               "the CI of Ghost BN's gain straddles the 0.5-point margin")
     plot = bars_with_ci(_plot(ctx, "ghost"), ["final test accuracy"], {l: [mean_ci(v).to_dict()] for l, v in accs.items()},
                         title="Large batches: plain BN vs Ghost BN", ylabel="test accuracy (%)", scale=100.0)
     protocol = (f"784-100-100-100-10 ReLU with BN, SGD momentum 0.9, {p['epochs']} epochs for every arm (so the large "
@@ -747,12 +735,8 @@ def _output_layer(ctx: ClaimContext) -> ClaimResult:
     where = compare_interval(diff, margin=0.002)
     numbers = {"final_test_acc": {label: mean_ci(v).to_dict() for label, v in accs.items()},
                "hidden_only_minus_with_output": diff.to_dict()}
-    if where == "positive":
-        verdict, reason = "supported", "BN on the logits costs more than 0.2 points of test accuracy (CI)"
-    elif where in ("negative", "equivalent"):
-        verdict, reason = "not supported", "BN on the logits does not cost 0.2 points (CI)"
-    else:
-        verdict, reason = "inconclusive", "the CI straddles the 0.2-point margin"
+    verdict, reason = _verdict(where, "BN on the logits costs more than 0.2 points of test accuracy (CI)",
+                               "BN on the logits does not cost 0.2 points (CI)", "the CI straddles the 0.2-point margin")
     plot = bars_with_ci(_plot(ctx, "output-layer"), ["torch-mlp"],
                         {label: [mean_ci(v).to_dict()] for label, v in accs.items()},
                         title="Final test accuracy with and without BN on the logits", ylabel="test accuracy (%)",
