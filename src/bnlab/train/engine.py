@@ -129,21 +129,26 @@ class StackedTrainer:
         idx = self.batch_indices(self.step)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        chunks = idx.chunk(self.cfg.accumulate) if self.cfg.accumulate > 1 else (idx,)
-        losses = torch.zeros(self.k)
-        for chunk in chunks:
-            x, y = self.data.train_x[chunk], self.data.train_y[chunk]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16):
-                logits = self.model(x)
-            micro = per_model_cross_entropy(logits.float(), y)
-            # weight by the chunk's share so the summed gradient is that of the mean over the batch
-            (micro.sum() * (len(chunk) / len(idx))).backward()
-            losses += micro.detach() * (len(chunk) / len(idx))
+        if self.cfg.accumulate == 1:
+            losses = self._forward_backward(idx, share=1.0)
+        else:
+            # each micro-batch is weighted by its share so the summed gradient is the batch mean's
+            losses = sum(self._forward_backward(chunk, share=len(chunk) / len(idx))
+                         for chunk in idx.chunk(self.cfg.accumulate))
         self.optimizer.step()
         self.step += 1
         self._interval_loss += losses
         self._interval_steps += 1
         return losses
+
+    def _forward_backward(self, idx: Tensor, share: float) -> Tensor:
+        """Forward and backward on the examples ``idx``, gradients scaled by ``share``; the weighted losses."""
+        x, y = self.data.train_x[idx], self.data.train_y[idx]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            logits = self.model(x)
+        losses = per_model_cross_entropy(logits.float(), y)
+        (losses.sum() if share == 1.0 else losses.sum() * share).backward()
+        return losses.detach() if share == 1.0 else losses.detach() * share
 
     @torch.no_grad()
     def evaluate(self, x: Tensor, y: Tensor, chunk: int = 5000) -> tuple[Tensor, Tensor]:
