@@ -155,6 +155,21 @@ def test_renorm_with_r1_d0_is_batch_norm(cls, shape, convention):
     torch.testing.assert_close(renorm(x), bn(x), **F32)
 
 
+
+@pytest.mark.parametrize("dtype,layout,tol", [(torch.float32, torch.channels_last, F32),
+                                              (torch.bfloat16, torch.contiguous_format, dict(rtol=2e-2, atol=2e-2))])
+def test_renorm_keeps_the_layout_and_dtype_of_batch_norm(dtype, layout, tol):
+    # The folded-affine path goes through ATen's inference kernel: it must keep what training-mode
+    # batch norm keeps (channels_last output, half-precision input with float32 parameters).
+    renorm, bn = bnn.BatchRenorm2d(4, r_max=1.0, d_max=0.0), bnn.BatchNorm2d(4)
+    x = (torch.randn(8, 4, 5, 5) * 2 + 1).to(dtype).contiguous(memory_format=layout)
+    up = torch.randn(8, 4, 5, 5).to(dtype)
+    ours, theirs = _fwd_bwd(renorm, x, up), _fwd_bwd(bn, x, up)
+    assert ours[0].dtype == dtype and ours[0].is_contiguous(memory_format=layout)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+    torch.testing.assert_close(renorm.running_var, bn.running_var, **F32)
+
 def test_renorm_against_the_paper_formula():
     torch.manual_seed(3)
     layer = bnn.BatchRenorm1d(4, momentum=0.2, r_max=1.5, d_max=0.5)

@@ -261,9 +261,9 @@ def batch_renorm(
     updated exactly as in :func:`batch_norm`. **During inference** it is batch
     norm with the running statistics. With ``r_max=1, d_max=0`` it is batch norm.
 
-    Implementation: one native batch-norm call gives :math:`\mu_B`,
-    :math:`1/\sigma_B`, the buffer update and :math:`y_0 = \gamma\hat{x} + \beta`;
-    then :math:`y = r y_0 + \beta(1-r) + \gamma d` in place (see ``_BatchRenorm``).
+    Implementation: batch norm with the affine folded to weight :math:`\gamma r`
+    and bias :math:`\gamma d + \beta`, so it costs what batch norm costs (see
+    ``_BatchRenorm``).
     """
     if not training:
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
@@ -279,43 +279,44 @@ def batch_renorm(
                                   r_max, d_max, running_var_correction)
 
 class _BatchRenorm(torch.autograd.Function):
-    """Batch renorm from one native batch-norm call.
+    """Batch renorm at the cost of one batch norm.
 
-    r and d are constants, so ``y = γ(x̂·r + d) + β = r·y₀ + (β(1−r) + γd)`` with
-    ``y₀ = γx̂ + β``, the plain batch-norm output: one native forward, then one
-    in-place per-channel affine. Backward, the native kernel takes ``r·dy`` and
-    returns ``dγ₀ = r·Σdy·x̂`` and ``dβ₀ = r·Σdy``, from which, per channel,
-    ``dβ = dβ₀/r`` and ``dγ = dγ₀ + d·dβ₀/r``: no extra pass over the data.
+    r and d are per-channel constants, so ``y = γ(x̂·r + d) + β`` is batch norm
+    with weight ``γr`` and bias ``γd + β``, and so is its gradient with respect
+    to x. Forward: ATen's ``batch_norm_update_stats`` gives the batch mean and
+    variance and updates the buffers (one read of x); ATen's inference kernel
+    then applies ``x·a + b`` with the folded affine (one read, one write), which
+    is what a training-mode batch norm costs too. Backward: one native
+    batch-norm backward with weight ``γr`` gives dx, ``Σdy·x̂`` and ``Σdy``,
+    from which ``dγ = r·Σdy·x̂ + d·Σdy`` and ``dβ = Σdy`` per channel.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, old_mean, old_sigma, momentum, eps,
                 r_max, d_max, correction):
         with corrected_running_var(x, running_var, True, correction) as rv:
-            y, batch_mean, batch_invstd = torch.native_batch_norm(x, weight, bias, running_mean, rv, True,
-                                                                  momentum, eps)
+            batch_mean, batch_var = torch.batch_norm_update_stats(x, running_mean, rv, momentum)
+        batch_invstd = torch.rsqrt(batch_var + eps)
         r = (1.0 / (batch_invstd * old_sigma)).clamp(1.0 / r_max, r_max)
         d = ((batch_mean - old_mean) / old_sigma).clamp(-d_max, d_max)
-        shift = d if weight is None else weight * d
+        folded_weight = r if weight is None else weight * r
+        folded_bias = d if weight is None else weight * d
         if bias is not None:
-            shift = shift + bias * (1.0 - r)
-        ndim = x.dim()
-        torch.addcmul(channel_view(shift, ndim).to(y.dtype), y, channel_view(r, ndim).to(y.dtype), out=y)  # one sweep
-        ctx.save_for_backward(x, weight, batch_mean, batch_invstd, r, d)
-        ctx.eps = eps
+            folded_bias = folded_bias + bias
+        y = torch.native_batch_norm(x, folded_weight, folded_bias, batch_mean, batch_var, False, 0.0, eps)[0]
+        ctx.save_for_backward(x, folded_weight, batch_mean, batch_invstd, r, d)
+        ctx.eps, ctx.has_weight, ctx.has_bias = eps, weight is not None, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, batch_mean, batch_invstd, r, d = ctx.saved_tensors
-        need_w = weight is not None and ctx.needs_input_grad[1]
-        need_b = ctx.needs_input_grad[2]
-        scaled = grad_out * channel_view(r, x.dim())
-        grad_x, grad_w0, grad_b0 = torch.ops.aten.native_batch_norm_backward(
-            scaled, x, weight, None, None, batch_mean, batch_invstd, True, ctx.eps,
-            [ctx.needs_input_grad[0], True, True])
-        sum_dy = grad_b0 / r  # Σ dy per channel, from the kernel's Σ r·dy
-        grad_w = grad_w0 + d * sum_dy if need_w else None
+        x, folded_weight, batch_mean, batch_invstd, r, d = ctx.saved_tensors
+        need_w = ctx.has_weight and ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        grad_x, grad_xhat_sum, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            grad_out, x, folded_weight, None, None, batch_mean, batch_invstd, True, ctx.eps,
+            [ctx.needs_input_grad[0], need_w, need_w or need_b])
+        grad_w = r * grad_xhat_sum + d * sum_dy if need_w else None
         grad_b = sum_dy if need_b else None
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None
 
@@ -395,7 +396,8 @@ def ghost_batch_norm(
 class _GhostBatchNorm(torch.autograd.Function):
     """Ghost batch norm as one autograd node: ATen's batch norm runs on each ghost batch and writes
     straight into its slice of the output (and, backward, of the input gradient), so there is no
-    concatenation copy in either direction. Same arithmetic as the per-chunk path it replaces."""
+    concatenation copy in either direction. Same arithmetic as the per-chunk path it replaces.
+    On small inputs the cost is the per-call overhead, so the loops below do nothing but the calls."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, v, update, correction):
@@ -405,19 +407,29 @@ class _GhostBatchNorm(torch.autograd.Function):
         out = torch.empty_like(x, memory_format=layout)
         means = x.new_empty(ghosts, c)
         invstds = x.new_empty(ghosts, c)
-        tracked = running_mean is not None
-        copies = [(running_mean.clone(), running_var.clone()) for _ in range(ghosts)] \
-            if tracked and update == "averaged" else None
-        for g in range(ghosts):
-            rows = slice(g * v, (g + 1) * v)
-            rm, rv = copies[g] if copies else (running_mean, running_var)
-            with corrected_running_var(x[rows], rv, True, correction) as rv_native:
-                torch.ops.aten.native_batch_norm.out(
-                    x[rows], weight, bias, rm, rv_native, True, momentum, eps,
-                    out=out[rows], save_mean=means[g], save_invstd=invstds[g])
-        if copies:
-            running_mean.copy_(torch.stack([m for m, _ in copies]).mean(0))
-            running_var.copy_(torch.stack([r for _, r in copies]).mean(0))
+        if running_mean is None:
+            targets = [(None, None)] * ghosts
+        elif update == "averaged":
+            # every ghost updates its own copy from the same start; their average is the averaged update
+            targets = list(zip(running_mean.expand(ghosts, c).clone(), running_var.expand(ghosts, c).clone()))
+        else:
+            targets = [(running_mean, running_var)] * ghosts
+        x_ghosts, out_ghosts = x.split(v), out.split(v)
+        batch_norm_out = torch.ops.aten.native_batch_norm.out
+        if correction == 1 or running_mean is None:
+            for g in range(ghosts):
+                rm, rv = targets[g]
+                batch_norm_out(x_ghosts[g], weight, bias, rm, rv, True, momentum, eps,
+                               out=out_ghosts[g], save_mean=means[g], save_invstd=invstds[g])
+        else:
+            for g in range(ghosts):
+                rm, rv = targets[g]
+                with corrected_running_var(x_ghosts[g], rv, True, correction) as rv_native:
+                    batch_norm_out(x_ghosts[g], weight, bias, rm, rv_native, True, momentum, eps,
+                                   out=out_ghosts[g], save_mean=means[g], save_invstd=invstds[g])
+        if running_mean is not None and update == "averaged":
+            running_mean.copy_(torch.stack([m for m, _ in targets]).mean(0))
+            running_var.copy_(torch.stack([r for _, r in targets]).mean(0))
         ctx.save_for_backward(x, weight, means, invstds)
         ctx.v, ctx.eps, ctx.layout = v, eps, layout
         return out
@@ -430,18 +442,15 @@ class _GhostBatchNorm(torch.autograd.Function):
         need_w = weight is not None and ctx.needs_input_grad[1]
         need_b = ctx.needs_input_grad[2]
         grad_x = torch.empty_like(x, memory_format=ctx.layout)
-        grad_w = torch.zeros_like(means[0]) if need_w else None
-        grad_b = torch.zeros_like(means[0]) if need_b else None
+        # per-ghost dγ, dβ rows, summed once at the end; ATen computes both for the dx formula anyway
+        grad_w_rows, grad_b_rows = torch.empty_like(means), torch.empty_like(means)
+        x_ghosts, dy_ghosts, dx_ghosts = x.split(v), grad_out.split(v), grad_x.split(v)
+        backward_out = torch.ops.aten.native_batch_norm_backward.out
         for g in range(means.size(0)):
-            rows = slice(g * v, (g + 1) * v)
-            dx, dw, db = torch.ops.aten.native_batch_norm_backward(
-                grad_out[rows], x[rows], weight, None, None, means[g], invstds[g], True, eps,
-                [True, need_w, need_b])
-            grad_x[rows].copy_(dx)
-            if need_w:
-                grad_w += dw
-            if need_b:
-                grad_b += db
+            backward_out(dy_ghosts[g], x_ghosts[g], weight, None, None, means[g], invstds[g], True, eps,
+                         [True, True, True], out0=dx_ghosts[g], out1=grad_w_rows[g], out2=grad_b_rows[g])
+        grad_w = grad_w_rows.sum(0) if need_w else None
+        grad_b = grad_b_rows.sum(0) if need_b else None
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
