@@ -390,25 +390,93 @@ def test_make_norm_kinds_and_errors():
         bnn.make_norm("layer", 4, momentum=0.1)
 
 
+GHOST_PATHS = ["compiled", "aten_loop", "general"]
+
+
+def _ghost_on_path(path, monkeypatch, x, rm, rv, w, b, **kw):
+    """Run BF.ghost_batch_norm on one of its three paths: the compiled kernel, ATen once per ghost,
+    or the general chunk-and-concatenate path (which the non-finite guard selects)."""
+    import bnlab.functional.norms as norms
+
+    with monkeypatch.context() as m:
+        if path == "aten_loop":
+            m.setattr(norms, "load_kernels", lambda: False)
+        return BF.ghost_batch_norm(x, rm, rv, w, b, True, 0.2, 1e-5, virtual_batch_size=4,
+                                   skip_nonfinite_update=path == "general", **kw)
+
+
 @pytest.mark.parametrize("update", ["per_ghost", "averaged"])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_ghost_fast_path_equals_general_path(update, layout):
-    x = torch.randn(16, 3, 4, 4) * 2 + 1
+@pytest.mark.parametrize("shape,layout", [((16, 6), "contiguous"), ((12, 3, 5), "contiguous"),
+                                          ((16, 3, 4, 4), "contiguous"), ((16, 3, 4, 4), "channels_last"),
+                                          ((8, 2, 3, 2, 2), "contiguous"), ((8, 2, 3, 2, 2), "channels_last"),
+                                          ((16, 3, 4, 4), "strided")])
+@pytest.mark.parametrize("affine,correction", [(True, 1), (False, 0)])
+def test_ghost_paths_agree_with_the_per_chunk_oracle(update, shape, layout, affine, correction, monkeypatch):
+    # Oracle: torch.nn.functional.batch_norm on each chunk, in float64, with sequential (per_ghost)
+    # or averaged running updates written out by hand.
+    c = shape[1]
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
     if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    w, b = torch.rand(3) + 0.5, torch.randn(3)
-    up = torch.randn_like(x)
-    results = []
-    for fast in (True, False):
-        rm, rv = torch.zeros(3), torch.ones(3)
-        xi, wi, bi = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
-        # the general path is what skip_nonfinite_update selects (nothing here is non-finite)
-        y = BF.ghost_batch_norm(xi, rm, rv, wi, bi, True, 0.2, 1e-5, virtual_batch_size=4, update=update,
-                                skip_nonfinite_update=not fast)
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    elif layout == "strided":
+        x = x.transpose(2, 3).contiguous().transpose(2, 3)
+    w, b = (torch.rand(c, dtype=torch.float64) + 0.5, torch.randn(c, dtype=torch.float64)) if affine else (None, None)
+    up = torch.randn(shape, dtype=torch.float64)
+
+    xr = x.detach().clone().requires_grad_(True)
+    wr, br = (w.clone().requires_grad_(True), b.clone().requires_grad_(True)) if affine else (None, None)
+    start_mean, start_var = torch.linspace(-1, 1, c, dtype=torch.float64), torch.linspace(0.5, 2, c, dtype=torch.float64)
+    want_mean, want_var = start_mean.clone(), start_var.clone()
+    outs, stats = [], []
+    for chunk in xr.chunk(shape[0] // 4):
+        outs.append(nn.functional.batch_norm(chunk, None, None, wr, br, True, 0.2, 1e-5))
+        dims = [0, *range(2, chunk.dim())]
+        stats.append((chunk.detach().mean(dims), chunk.detach().var(dims, correction=correction)))
+    want = torch.cat(outs)
+    want.backward(up)
+    if update == "per_ghost":
+        for mean, var in stats:
+            want_mean, want_var = 0.8 * want_mean + 0.2 * mean, 0.8 * want_var + 0.2 * var
+    else:
+        want_mean = 0.8 * start_mean + 0.2 * torch.stack([m for m, _ in stats]).mean(0)
+        want_var = 0.8 * start_var + 0.2 * torch.stack([v for _, v in stats]).mean(0)
+
+    for path in GHOST_PATHS:
+        xi = x.detach().clone().requires_grad_(True)
+        wi, bi = (w.clone().requires_grad_(True), b.clone().requires_grad_(True)) if affine else (None, None)
+        rm, rv = start_mean.clone(), start_var.clone()
+        y = _ghost_on_path(path, monkeypatch, xi, rm, rv, wi, bi, update=update, running_var_correction=correction)
         y.backward(up)
-        results.append((y.detach(), xi.grad, wi.grad, bi.grad, rm, rv))
-    for a, c in zip(*results):
-        torch.testing.assert_close(a, c, **F32)
+        torch.testing.assert_close(y, want.detach(), msg=lambda m: f"{path}: output: {m}")
+        torch.testing.assert_close(xi.grad, xr.grad, msg=lambda m: f"{path}: dx: {m}")
+        if affine:
+            torch.testing.assert_close(wi.grad, wr.grad, msg=lambda m: f"{path}: dw: {m}")
+            torch.testing.assert_close(bi.grad, br.grad, msg=lambda m: f"{path}: db: {m}")
+        torch.testing.assert_close(rm, want_mean, msg=lambda m: f"{path}: running_mean: {m}")
+        torch.testing.assert_close(rv, want_var, msg=lambda m: f"{path}: running_var: {m}")
+        if layout == "channels_last":
+            assert y.is_contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+
+
+def test_compiled_kernels_build_on_this_machine():
+    # CI machines have a C++ compiler and ninja (a dependency): a failed build would silently
+    # put ghost batch norm on its slower path, so it is a failure here.
+    from bnlab.functional.compiled import kernels_available
+
+    assert kernels_available()
+
+
+def test_a_failed_kernel_build_warns_once_and_falls_back(monkeypatch):
+    import bnlab.functional.compiled as compiled
+
+    def broken_build():
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(compiled, "_state", {})
+    monkeypatch.setattr(compiled, "_build", broken_build)
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        assert compiled.load_kernels() is False
+    assert compiled.load_kernels() is False  # decided once: no second warning, no second build
 
 
 def test_ghost_gradcheck_float64():

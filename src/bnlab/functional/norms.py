@@ -13,6 +13,7 @@ import contextlib
 import torch
 from torch import Tensor
 
+from bnlab.functional.compiled import load_kernels
 from bnlab.functional.core import channel_view, compute_stats, normalize
 from bnlab.functional.kernels import corrected_running_var, memory_layout, select_kernel
 
@@ -373,6 +374,9 @@ def ghost_batch_norm(
         and all(t is None or t.dtype == input.dtype for t in (weight, bias, running_mean, running_var))
         and not skip_nonfinite_update
     )
+    if fast and input.device.type == "cpu" and load_kernels():
+        return _CompiledGhostBatchNorm.apply(input, weight, bias, running_mean, running_var, momentum, eps,
+                                             virtual_batch_size, update, running_var_correction)
     if fast:
         return _GhostBatchNorm.apply(input, weight, bias, running_mean, running_var, momentum, eps,
                                      virtual_batch_size, update, running_var_correction)
@@ -393,6 +397,71 @@ def ghost_batch_norm(
     return torch.cat(outputs)
 
 
+def _ghost_buffer(x: Tensor, ghosts: int) -> tuple[Tensor, tuple[int, int, int, int], tuple[int, ...] | None]:
+    """The contiguous buffer the compiled ghost kernel reads, its layout arguments
+    ``(ghosts, per_ghost, channels, spatial)``, and the permutation that made it (None if none).
+
+    Channels-last inputs become the "rows" layout ``[G][v·spatial][C]`` through a permuted view (no
+    copy); everything else the "planes" layout ``[G][v][C][spatial]``; (N, C) inputs are rows with
+    one value per sample."""
+    n, c = x.size(0), x.size(1)
+    if x.dim() > 2 and memory_layout(x) == "channels_last":
+        perm = (0, *range(2, x.dim()), 1)
+        buf = x.permute(perm)
+        return buf, (ghosts, buf.numel() // (ghosts * c), c, 0), perm
+    x = x.contiguous()
+    if x.dim() == 2:
+        return x, (ghosts, n // ghosts, c, 0), None
+    return x, (ghosts, n // ghosts, c, x[0, 0].numel()), None
+
+
+def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(sorted(range(len(perm)), key=perm.__getitem__))
+
+
+class _CompiledGhostBatchNorm(torch.autograd.Function):
+    """Ghost batch norm in one compiled kernel call each way (``csrc/ghost_batch_norm.cpp``).
+
+    The kernel returns the per-ghost mean, biased variance and 1/σ; the running statistics
+    are then updated from them in closed form: G sequential updates with momentum m are
+    ``(1−m)^G·old + Σ_g m(1−m)^(G−1−g)·stat_g``, and the averaged update is ``(1−m)·old + m·mean_g stat_g``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, v, update, correction):
+        ghosts = x.size(0) // v
+        buf, layout, perm = _ghost_buffer(x, ghosts)
+        y, means, variances, invstds = torch.ops.bnlab.ghost_forward(buf, weight, bias, *layout, eps)
+        if running_mean is not None:
+            count = buf.numel() // (ghosts * layout[2])
+            if update == "per_ghost":
+                decay = (1.0 - momentum) ** ghosts
+                coef = momentum * (1.0 - momentum) ** torch.arange(ghosts - 1, -1, -1, dtype=x.dtype)
+            else:
+                decay, coef = 1.0 - momentum, torch.full((ghosts,), momentum / ghosts, dtype=x.dtype)
+            running_mean.mul_(decay).add_(coef.to(running_mean.dtype) @ means.to(running_mean.dtype))
+            unbias = count / (count - correction) if count > correction else float("nan")
+            running_var.mul_(decay).add_((coef * unbias).to(running_var.dtype) @ variances.to(running_var.dtype))
+        ctx.save_for_backward(buf, weight, means, invstds)
+        ctx.layout, ctx.perm = layout, perm
+        return y.permute(_inverse(perm)) if perm else y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        buf, weight, means, invstds = ctx.saved_tensors
+        perm = ctx.perm
+        grad_buf = grad_out.permute(perm).contiguous() if perm else grad_out.contiguous().view(buf.shape)
+        dx, sum_dy, sum_dy_xhat = torch.ops.bnlab.ghost_backward(
+            grad_buf, buf, weight, means, invstds, *ctx.layout, ctx.needs_input_grad[0])
+        if ctx.needs_input_grad[0]:
+            dx = dx.permute(_inverse(perm)) if perm else dx.view(grad_out.shape)
+        else:
+            dx = None
+        grad_w = sum_dy_xhat.sum(0) if weight is not None and ctx.needs_input_grad[1] else None
+        grad_b = sum_dy.sum(0) if ctx.needs_input_grad[2] else None
+        return dx, grad_w, grad_b, None, None, None, None, None, None, None
+
+
 class _GhostBatchNorm(torch.autograd.Function):
     """Ghost batch norm as one autograd node: ATen's batch norm runs on each ghost batch and writes
     straight into its slice of the output (and, backward, of the input gradient), so there is no
@@ -402,7 +471,9 @@ class _GhostBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, v, update, correction):
         ghosts, c = x.size(0) // v, x.size(1)
-        layout = torch.channels_last if memory_layout(x) == "channels_last" and x.dim() == 4 else torch.contiguous_format
+        layout = torch.contiguous_format
+        if memory_layout(x) == "channels_last":
+            layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
         x = x.contiguous(memory_format=layout)
         out = torch.empty_like(x, memory_format=layout)
         means = x.new_empty(ghosts, c)

@@ -1,0 +1,108 @@
+"""bnlab's compiled CPU kernels (``csrc/``), built on first use for the machine they run on.
+
+The C++ sources are compiled with torch's extension builder (ninja, the system
+C++ compiler, ``-O3 -march=native``) into a cache directory the first time a
+kernel is needed (about 10 s), then loaded from the cache. The build is keyed by
+the sources, the flags and this CPU's instruction-set flags, so a cache shared
+between machines never hands one CPU another's binary.
+
+Every caller has a pure-torch path to fall back on: when the build is
+impossible (no compiler, no ninja) or disabled, :func:`load_kernels` returns
+False after one warning, and the functional layer takes its ATen-based path.
+
+Environment:
+    ``BNLAB_COMPILED_KERNELS=0`` disables the compiled kernels.
+    ``BNLAB_KERNEL_CACHE`` sets the build cache (default
+    ``$XDG_CACHE_HOME/bnlab/kernels`` or ``~/.cache/bnlab/kernels``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["load_kernels", "kernels_available"]
+
+_SOURCES = [Path(__file__).parent / "csrc" / "ghost_batch_norm.cpp"]
+_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+_lock = threading.Lock()
+_state: dict[str, bool] = {}
+
+
+def _cpu_signature() -> str:
+    flags = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags += line
+                break
+    except OSError:
+        pass
+    return hashlib.sha256(flags.encode()).hexdigest()[:10]
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("BNLAB_KERNEL_CACHE"):
+        return Path(os.environ["BNLAB_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "bnlab" / "kernels"
+
+
+def _ensure_ninja_on_path() -> None:
+    # torch's builder runs `ninja` from PATH; the PyPI wheel installs it into the environment's
+    # bin/, which is not on PATH when the interpreter is called by its full path.
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension
+
+    _ensure_ninja_on_path()
+    name = f"bnlab_kernels_{_cpu_signature()}"
+    build_dir = _cache_dir() / f"torch{torch.__version__.split('+')[0]}" / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(name=name, sources=[str(s) for s in _SOURCES], extra_cflags=_CFLAGS,
+                       extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False,
+                       verbose=False)
+
+
+def load_kernels() -> bool:
+    """Build (once per machine) and load the compiled kernels; True when ``torch.ops.bnlab`` has them."""
+    if "loaded" in _state:
+        return _state["loaded"]
+    with _lock:
+        if "loaded" in _state:
+            return _state["loaded"]
+        if os.environ.get("BNLAB_COMPILED_KERNELS", "1") == "0":
+            _state["loaded"] = False
+            return False
+        try:
+            _build()
+            _state["loaded"] = hasattr(torch.ops.bnlab, "ghost_forward")
+        except Exception as exc:  # any build failure means: use the torch path
+            warnings.warn(
+                f"bnlab could not build its compiled CPU kernels ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}); falling back to the "
+                "slower torch path. A C++ compiler and the 'ninja' package are needed; set "
+                "BNLAB_COMPILED_KERNELS=0 to silence this.",
+                RuntimeWarning, stacklevel=2)
+            _state["loaded"] = False
+        return _state["loaded"]
+
+
+def kernels_available() -> bool:
+    """Whether the compiled kernels are in use (builds them on the first call)."""
+    return load_kernels()
