@@ -12,12 +12,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 namespace {
 
-constexpr int64_t kChannelBlock = 64;  // rows layout: channels per task, a few cache lines wide
+constexpr int64_t kRowRun = 32;        // rows layout: rows summed in float before a double add
 
 template <typename T>
 const T* opt_ptr(const c10::optional<at::Tensor>& t) {
@@ -75,49 +76,96 @@ void forward_planes(const T* x, T* y, const T* w, const T* b, T* mean, T* var, T
   });
 }
 
-template <typename T>
-void forward_rows(const T* x, T* y, const T* w, const T* b, T* mean, T* var, T* invstd,
-                  int64_t G, int64_t R, int64_t C, double eps) {
-  const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
-  const double n = static_cast<double>(R);
-  at::parallel_for(0, G * blocks, 1, [&](int64_t begin, int64_t end) {
-    double acc[kChannelBlock];
-    T m[kChannelBlock], scale[kChannelBlock], shift[kChannelBlock];
+// Rows layout: every pass streams whole rows (all C channels) so memory is read in order. A
+// ghost's rows are split into chunks; each chunk sums into its own C-wide partials, in float over
+// runs of kRowRun rows and in double across runs; the partials are then combined per ghost.
+struct RowChunks {
+  int64_t per_ghost;  // chunks per ghost
+  int64_t rows;       // rows per chunk (the last may be shorter)
+};
+
+inline RowChunks split_rows(int64_t G, int64_t R) {
+  const int64_t want = std::max<int64_t>(1, (2 * at::get_num_threads() + G - 1) / G);
+  const int64_t per_ghost = std::max<int64_t>(1, std::min(want, R / 8));
+  return {per_ghost, (R + per_ghost - 1) / per_ghost};
+}
+
+// part_a[t] += Σ_rows f_a(row), part_b[t] += Σ_rows f_b(row) for chunk t = g * per_ghost + j.
+template <typename T, typename Accumulate>
+void rows_partial_sums(int64_t G, int64_t R, int64_t C, RowChunks chunks, std::vector<double>& part_a,
+                       std::vector<double>& part_b, const Accumulate& accumulate) {
+  part_a.assign(G * chunks.per_ghost * C, 0.0);
+  part_b.assign(G * chunks.per_ghost * C, 0.0);
+  at::parallel_for(0, G * chunks.per_ghost, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> run_a(C), run_b(C);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t g = t / blocks, c0 = (t % blocks) * kChannelBlock;
-      const int64_t width = std::min(kChannelBlock, C - c0);
-      const T* base = x + g * R * C + c0;
-      for (int64_t c = 0; c < width; ++c) acc[c] = 0;
-      for (int64_t r = 0; r < R; ++r) {
-        const T* xr = base + r * C;
-#pragma omp simd
-        for (int64_t c = 0; c < width; ++c) acc[c] += xr[c];
-      }
-      for (int64_t c = 0; c < width; ++c) { m[c] = static_cast<T>(acc[c] / n); acc[c] = 0; }
-      for (int64_t r = 0; r < R; ++r) {
-        const T* xr = base + r * C;
-#pragma omp simd
-        for (int64_t c = 0; c < width; ++c) { const double d = xr[c] - m[c]; acc[c] += d * d; }
-      }
-      for (int64_t c = 0; c < width; ++c) {
-        const double var_b = acc[c] / n;
-        const T inv = static_cast<T>(1.0 / std::sqrt(var_b + eps));
-        const int64_t k = g * C + c0 + c;
-        mean[k] = m[c];
-        var[k] = static_cast<T>(var_b);
-        invstd[k] = inv;
-        scale[c] = inv * (w ? w[c0 + c] : T(1));
-        shift[c] = (b ? b[c0 + c] : T(0)) - m[c] * scale[c];
-      }
-      T* out = y + g * R * C + c0;
-      for (int64_t r = 0; r < R; ++r) {
-        const T* xr = base + r * C;
-        T* yr = out + r * C;
-#pragma omp simd
-        for (int64_t c = 0; c < width; ++c) yr[c] = xr[c] * scale[c] + shift[c];
+      const int64_t g = t / chunks.per_ghost, j = t % chunks.per_ghost;
+      const int64_t r_begin = j * chunks.rows, r_end = std::min(R, r_begin + chunks.rows);
+      double* acc_a = part_a.data() + t * C;
+      double* acc_b = part_b.data() + t * C;
+      for (int64_t r0 = r_begin; r0 < r_end; r0 += kRowRun) {
+        const int64_t r1 = std::min(r_end, r0 + kRowRun);
+        std::fill(run_a.begin(), run_a.end(), T(0));
+        std::fill(run_b.begin(), run_b.end(), T(0));
+        for (int64_t r = r0; r < r1; ++r) accumulate(g, g * R + r, run_a.data(), run_b.data());
+        for (int64_t c = 0; c < C; ++c) { acc_a[c] += run_a[c]; acc_b[c] += run_b[c]; }
       }
     }
   });
+}
+
+// y[row] = x[row] * scale[g] + shift[g] over every row of every ghost.
+template <typename T>
+void rows_affine(const T* x, T* y, const std::vector<T>& scale, const std::vector<T>& shift, int64_t G, int64_t R,
+                 int64_t C) {
+  at::parallel_for(0, G * R, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t g = row / R;
+      const T* xr = x + row * C;
+      T* yr = y + row * C;
+      const T* a = scale.data() + g * C;
+      const T* b = shift.data() + g * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) yr[c] = xr[c] * a[c] + b[c];
+    }
+  });
+}
+
+template <typename T>
+void forward_rows(const T* x, T* y, const T* w, const T* b, T* mean, T* var, T* invstd,
+                  int64_t G, int64_t R, int64_t C, double eps) {
+  // One pass for the statistics: sums of (x − K) and (x − K)² with K the ghost's first row, a
+  // value from the same distribution, so the shifted moments do not cancel catastrophically.
+  const RowChunks chunks = split_rows(G, R);
+  std::vector<double> s1, s2;
+  rows_partial_sums<T>(G, R, C, chunks, s1, s2, [&](int64_t g, int64_t row, T* a, T* q) {
+    const T* k = x + g * R * C;
+    const T* xr = x + row * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) { const T d = xr[c] - k[c]; a[c] += d; q[c] += d * d; }
+  });
+  const double n = static_cast<double>(R);
+  std::vector<T> scale(G * C), shift(G * C);
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t c = 0; c < C; ++c) {
+      double sum = 0, sq = 0;
+      for (int64_t j = 0; j < chunks.per_ghost; ++j) {
+        sum += s1[(g * chunks.per_ghost + j) * C + c];
+        sq += s2[(g * chunks.per_ghost + j) * C + c];
+      }
+      const double shifted_mean = sum / n;
+      const double var_b = std::max(0.0, sq / n - shifted_mean * shifted_mean);
+      const T m = static_cast<T>(x[g * R * C + c] + shifted_mean);
+      const T inv = static_cast<T>(1.0 / std::sqrt(var_b + eps));
+      const int64_t q = g * C + c;
+      mean[q] = m;
+      var[q] = static_cast<T>(var_b);
+      invstd[q] = inv;
+      scale[q] = inv * (w ? w[c] : T(1));
+      shift[q] = (b ? b[c] : T(0)) - m * scale[q];
+    }
+  }
+  rows_affine(x, y, scale, shift, G, R, C);
 }
 
 // dx = w·invstd·(dy − Σdy/n − (x−μ)·invstd²·Σdy(x−μ)/n); also returns Σdy and Σdy·x̂ per (ghost, channel).
@@ -160,39 +208,47 @@ void backward_planes(const T* dy, const T* x, const T* w, const T* mean, const T
 template <typename T>
 void backward_rows(const T* dy, const T* x, const T* w, const T* mean, const T* invstd, T* dx,
                    T* sum_dy, T* sum_dy_xhat, int64_t G, int64_t R, int64_t C) {
-  const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
+  const RowChunks chunks = split_rows(G, R);
+  std::vector<double> s_dy, s_dot;
+  rows_partial_sums<T>(G, R, C, chunks, s_dy, s_dot, [&](int64_t g, int64_t row, T* a, T* q) {
+    const T* m = mean + g * C;
+    const T* xr = x + row * C;
+    const T* gr = dy + row * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) { a[c] += gr[c]; q[c] += gr[c] * (xr[c] - m[c]); }
+  });
+  // dx = dy·k + x·k_x + k_0 per (ghost, channel): one affine sweep over two inputs.
   const double n = static_cast<double>(R);
-  at::parallel_for(0, G * blocks, 1, [&](int64_t begin, int64_t end) {
-    double acc_dy[kChannelBlock], acc_dot[kChannelBlock];
-    T m[kChannelBlock], k[kChannelBlock], grad_mean[kChannelBlock], proj[kChannelBlock];
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t g = t / blocks, c0 = (t % blocks) * kChannelBlock;
-      const int64_t width = std::min(kChannelBlock, C - c0);
-      const int64_t offset = g * R * C + c0;
-      for (int64_t c = 0; c < width; ++c) { acc_dy[c] = 0; acc_dot[c] = 0; m[c] = mean[g * C + c0 + c]; }
-      for (int64_t r = 0; r < R; ++r) {
-        const T* xr = x + offset + r * C;
-        const T* gr = dy + offset + r * C;
+  std::vector<T> k(G * C), k_x(G * C), k_0(G * C);
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t c = 0; c < C; ++c) {
+      double acc_dy = 0, acc_dot = 0;
+      for (int64_t j = 0; j < chunks.per_ghost; ++j) {
+        acc_dy += s_dy[(g * chunks.per_ghost + j) * C + c];
+        acc_dot += s_dot[(g * chunks.per_ghost + j) * C + c];
+      }
+      const int64_t q = g * C + c;
+      const T inv = invstd[q];
+      sum_dy[q] = static_cast<T>(acc_dy);
+      sum_dy_xhat[q] = static_cast<T>(acc_dot * inv);
+      k[q] = inv * (w ? w[c] : T(1));
+      const T proj = static_cast<T>(acc_dot / n) * inv * inv;
+      k_x[q] = -proj * k[q];
+      k_0[q] = (static_cast<T>(-acc_dy / n) + mean[q] * proj) * k[q];
+    }
+  }
+  if (!dx) return;
+  at::parallel_for(0, G * R, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t g = row / R;
+      const T* xr = x + row * C;
+      const T* gr = dy + row * C;
+      T* dr = dx + row * C;
+      const T* a = k.data() + g * C;
+      const T* bx = k_x.data() + g * C;
+      const T* b0 = k_0.data() + g * C;
 #pragma omp simd
-        for (int64_t c = 0; c < width; ++c) { acc_dy[c] += gr[c]; acc_dot[c] += gr[c] * (xr[c] - m[c]); }
-      }
-      for (int64_t c = 0; c < width; ++c) {
-        const int64_t q = g * C + c0 + c;
-        const T inv = invstd[q];
-        sum_dy[q] = static_cast<T>(acc_dy[c]);
-        sum_dy_xhat[q] = static_cast<T>(acc_dot[c] * inv);
-        k[c] = inv * (w ? w[c0 + c] : T(1));
-        grad_mean[c] = static_cast<T>(acc_dy[c] / n);
-        proj[c] = static_cast<T>(acc_dot[c] / n) * inv * inv;
-      }
-      if (!dx) continue;
-      for (int64_t r = 0; r < R; ++r) {
-        const T* xr = x + offset + r * C;
-        const T* gr = dy + offset + r * C;
-        T* dr = dx + offset + r * C;
-#pragma omp simd
-        for (int64_t c = 0; c < width; ++c) dr[c] = (gr[c] - grad_mean[c] - (xr[c] - m[c]) * proj[c]) * k[c];
-      }
+      for (int64_t c = 0; c < C; ++c) dr[c] = gr[c] * a[c] + xr[c] * bx[c] + b0[c];
     }
   });
 }
