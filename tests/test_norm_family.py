@@ -558,3 +558,47 @@ def test_renorm_skip_nonfinite_update():
     assert torch.equal(layer.running_mean, kept[0]) and torch.equal(layer.running_var, kept[1])
     layer(torch.randn(8, 3))
     assert not torch.equal(layer.running_var, kept[1])
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("correction", [1, 0])
+def test_renorm_compiled_and_eager_paths_agree(affine, correction, monkeypatch):
+    # float32 inputs take the compiled per-channel step; the eager twin is the float64-tested formula
+    import bnlab.functional.norms as norms
+
+    torch.manual_seed(3)
+    x = torch.randn(32, 6, 3, 3) * 3 + 1
+    w, b = (torch.rand(6) + 0.5, torch.randn(6)) if affine else (None, None)
+    up = torch.randn_like(x)
+    results = []
+    for compiled in (True, False):
+        with monkeypatch.context() as m:
+            if not compiled:
+                m.setattr(norms, "load_kernels", lambda: False)
+            xi = x.clone().requires_grad_(True)
+            wi, bi = (w.clone().requires_grad_(True), b.clone().requires_grad_(True)) if affine else (None, None)
+            rm, rv = torch.linspace(-1, 1, 6), torch.linspace(0.2, 3, 6)
+            y = BF.batch_renorm(xi, rm, rv, wi, bi, True, 0.1, 1e-5, r_max=1.5, d_max=0.4,
+                                running_var_correction=correction)
+            y.backward(up)
+            results.append([y, xi.grad, rm, rv] + ([wi.grad, bi.grad] if affine else []))
+    for a, c in zip(*results):
+        torch.testing.assert_close(a, c, **F32)
+
+
+@pytest.mark.parametrize("layout", ["rows", "planes", "channels_last"])
+def test_ghost_statistics_survive_a_large_offset(layout):
+    # The compiled kernel's one-pass (shifted) statistics must not cancel when |mean| >> std.
+    shape = (64, 8) if layout == "rows" else (16, 4, 5, 5)
+    x = torch.randn(shape, dtype=torch.float64) * 0.5 + 1000.0
+    x32 = x.float()
+    if layout == "channels_last":
+        x32 = x32.contiguous(memory_format=torch.channels_last)
+    rm, rv = torch.zeros(shape[1]), torch.ones(shape[1])
+    y = BF.ghost_batch_norm(x32, rm, rv, None, None, True, 1.0, 1e-5, virtual_batch_size=4, update="averaged")
+    dims = [1, *range(3, x.dim() + 1)]
+    ghosts = x.view(-1, 4, *shape[1:])
+    want_var = ghosts.var(dims, unbiased=True).mean(0)  # momentum 1: the averaged per-ghost unbiased variance
+    torch.testing.assert_close(rv.double(), want_var, rtol=1e-4, atol=1e-6)
+    mean, var = ghosts.mean(dims, keepdim=True), ghosts.var(dims, unbiased=False, keepdim=True)
+    torch.testing.assert_close(y.double(), ((ghosts - mean) / (var + 1e-5).sqrt()).view(shape), rtol=1e-3, atol=1e-3)

@@ -30,7 +30,7 @@ import torch
 
 __all__ = ["load_kernels", "kernels_available"]
 
-_SOURCES = [Path(__file__).parent / "csrc" / "ghost_batch_norm.cpp"]
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("ghost_batch_norm.cpp", "batch_renorm.cpp")]
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
@@ -79,6 +79,13 @@ def _build() -> None:
                        verbose=False)
 
 
+def _first_error(exc: Exception) -> str:
+    """The compiler's first error line if the message has one, else the message's last line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or [repr(exc)])[0][:300]
+
+
 def load_kernels() -> bool:
     """Build (once per machine) and load the compiled kernels; True when ``torch.ops.bnlab`` has them."""
     if "loaded" in _state:
@@ -91,13 +98,12 @@ def load_kernels() -> bool:
             return False
         try:
             _build()
-            _state["loaded"] = hasattr(torch.ops.bnlab, "ghost_forward")
+            _state["loaded"] = all(hasattr(torch.ops.bnlab, op) for op in ("ghost_forward", "renorm_factors"))
         except Exception as exc:  # any build failure means: use the torch path
             warnings.warn(
-                f"bnlab could not build its compiled CPU kernels ({type(exc).__name__}: "
-                f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}); falling back to the "
-                "slower torch path. A C++ compiler and the 'ninja' package are needed; set "
-                "BNLAB_COMPILED_KERNELS=0 to silence this.",
+                f"bnlab could not build its compiled CPU kernels ({type(exc).__name__}: {_first_error(exc)}); "
+                "falling back to the slower torch path. A C++ compiler and the 'ninja' package are needed; "
+                "set BNLAB_COMPILED_KERNELS=0 to silence this.",
                 RuntimeWarning, stacklevel=2)
             _state["loaded"] = False
         return _state["loaded"]

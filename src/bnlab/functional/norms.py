@@ -273,11 +273,30 @@ def batch_renorm(
     if input.numel() == 0:
         return batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
     _check_enough_values(input)
-    with torch.no_grad():
-        old_mean, old_sigma = running_mean.clone(), torch.sqrt(running_var + eps)
+    compiled = (input.device.type == "cpu"
+                and all(t is None or t.dtype == torch.float32
+                        for t in (input, weight, bias, running_mean, running_var))
+                and load_kernels())
     with _keep_if_finite(running_mean, running_var, skip_nonfinite_update) as (target_mean, target_var):
-        return _BatchRenorm.apply(input, weight, bias, target_mean, target_var, old_mean, old_sigma, momentum, eps,
-                                  r_max, d_max, running_var_correction)
+        return _BatchRenorm.apply(input, weight, bias, target_mean, target_var, momentum, eps,
+                                  r_max, d_max, running_var_correction, compiled)
+
+
+def _renorm_factors_eager(x, weight, bias, running_mean, running_var, momentum, eps, r_max, d_max, correction):
+    """r, d, the folded affine and 1/σ_B, with the running statistics updated: the eager twin of the
+    compiled ``renorm_factors`` op (``csrc/batch_renorm.cpp``)."""
+    old_mean, old_sigma = running_mean.clone(), torch.sqrt(running_var + eps)
+    with corrected_running_var(x, running_var, True, correction) as rv:
+        batch_mean, batch_var = torch.batch_norm_update_stats(x, running_mean, rv, momentum)
+    batch_invstd = torch.rsqrt(batch_var + eps)
+    r = (1.0 / (batch_invstd * old_sigma)).clamp(1.0 / r_max, r_max)
+    d = ((batch_mean - old_mean) / old_sigma).clamp(-d_max, d_max)
+    folded_weight = r if weight is None else weight * r
+    folded_bias = d if weight is None else weight * d
+    if bias is not None:
+        folded_bias = folded_bias + bias
+    return batch_mean, batch_var, batch_invstd, r, d, folded_weight, folded_bias
+
 
 class _BatchRenorm(torch.autograd.Function):
     """Batch renorm at the cost of one batch norm.
@@ -285,25 +304,25 @@ class _BatchRenorm(torch.autograd.Function):
     r and d are per-channel constants, so ``y = γ(x̂·r + d) + β`` is batch norm
     with weight ``γr`` and bias ``γd + β``, and so is its gradient with respect
     to x. Forward: ATen's ``batch_norm_update_stats`` gives the batch mean and
-    variance and updates the buffers (one read of x); ATen's inference kernel
-    then applies ``x·a + b`` with the folded affine (one read, one write), which
-    is what a training-mode batch norm costs too. Backward: one native
-    batch-norm backward with weight ``γr`` gives dx, ``Σdy·x̂`` and ``Σdy``,
-    from which ``dγ = r·Σdy·x̂ + d·Σdy`` and ``dβ = Σdy`` per channel.
+    variance (one read of x); the per-channel step computes r, d, the folded
+    affine and the running update (one compiled call, or about fifteen tiny eager
+    ops); ATen's inference kernel then applies ``x·a + b`` (one read, one
+    write), which is what a training-mode batch norm costs too. Backward: one
+    native batch-norm backward with weight ``γr`` gives dx, ``Σdy·x̂`` and
+    ``Σdy``, from which ``dγ = r·Σdy·x̂ + d·Σdy`` and ``dβ = Σdy`` per channel.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, old_mean, old_sigma, momentum, eps,
-                r_max, d_max, correction):
-        with corrected_running_var(x, running_var, True, correction) as rv:
-            batch_mean, batch_var = torch.batch_norm_update_stats(x, running_mean, rv, momentum)
-        batch_invstd = torch.rsqrt(batch_var + eps)
-        r = (1.0 / (batch_invstd * old_sigma)).clamp(1.0 / r_max, r_max)
-        d = ((batch_mean - old_mean) / old_sigma).clamp(-d_max, d_max)
-        folded_weight = r if weight is None else weight * r
-        folded_bias = d if weight is None else weight * d
-        if bias is not None:
-            folded_bias = folded_bias + bias
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, r_max, d_max, correction, compiled):
+        if compiled:
+            batch_mean, batch_var = torch.batch_norm_update_stats(x, None, None, momentum)
+            count = x.numel() // x.size(1)
+            unbias = count / (count - correction) if count > correction else float("nan")
+            folded_weight, folded_bias, r, d, batch_invstd = torch.ops.bnlab.renorm_factors(
+                batch_mean, batch_var, running_mean, running_var, weight, bias, eps, r_max, d_max, momentum, unbias)
+        else:
+            batch_mean, batch_var, batch_invstd, r, d, folded_weight, folded_bias = _renorm_factors_eager(
+                x, weight, bias, running_mean, running_var, momentum, eps, r_max, d_max, correction)
         y = torch.native_batch_norm(x, folded_weight, folded_bias, batch_mean, batch_var, False, 0.0, eps)[0]
         ctx.save_for_backward(x, folded_weight, batch_mean, batch_invstd, r, d)
         ctx.eps, ctx.has_weight, ctx.has_bias = eps, weight is not None, bias is not None
@@ -317,9 +336,9 @@ class _BatchRenorm(torch.autograd.Function):
         grad_x, grad_xhat_sum, sum_dy = torch.ops.aten.native_batch_norm_backward(
             grad_out, x, folded_weight, None, None, batch_mean, batch_invstd, True, ctx.eps,
             [ctx.needs_input_grad[0], need_w, need_w or need_b])
-        grad_w = r * grad_xhat_sum + d * sum_dy if need_w else None
+        grad_w = torch.addcmul(d * sum_dy, r, grad_xhat_sum) if need_w else None
         grad_b = sum_dy if need_b else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
 def ghost_batch_norm(
