@@ -308,8 +308,9 @@ class _BatchRenorm(torch.autograd.Function):
     affine and the running update (one compiled call, or about fifteen tiny eager
     ops); ATen's inference kernel then applies ``x·a + b`` (one read, one
     write), which is what a training-mode batch norm costs too. Backward: one
-    native batch-norm backward with weight ``γr`` gives dx, ``Σdy·x̂`` and
-    ``Σdy``, from which ``dγ = r·Σdy·x̂ + d·Σdy`` and ``dβ = Σdy`` per channel.
+    batch-norm backward with weight ``γr`` (the compiled kernel's, else ATen's)
+    gives dx, ``Σdy·x̂`` and ``Σdy``, from which ``dγ = r·Σdy·x̂ + d·Σdy`` and
+    ``dβ = Σdy`` per channel.
     """
 
     @staticmethod
@@ -325,7 +326,7 @@ class _BatchRenorm(torch.autograd.Function):
                 x, weight, bias, running_mean, running_var, momentum, eps, r_max, d_max, correction)
         y = torch.native_batch_norm(x, folded_weight, folded_bias, batch_mean, batch_var, False, 0.0, eps)[0]
         ctx.save_for_backward(x, folded_weight, batch_mean, batch_invstd, r, d)
-        ctx.eps, ctx.has_weight, ctx.has_bias = eps, weight is not None, bias is not None
+        ctx.eps, ctx.has_weight, ctx.has_bias, ctx.compiled = eps, weight is not None, bias is not None, compiled
         return y
 
     @staticmethod
@@ -333,9 +334,16 @@ class _BatchRenorm(torch.autograd.Function):
         x, folded_weight, batch_mean, batch_invstd, r, d = ctx.saved_tensors
         need_w = ctx.has_weight and ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
-        grad_x, grad_xhat_sum, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            grad_out, x, folded_weight, None, None, batch_mean, batch_invstd, True, ctx.eps,
-            [ctx.needs_input_grad[0], need_w, need_w or need_b])
+        if ctx.compiled:  # one ghost: the compiled batch-norm backward, faster than ATen's on every layout
+            buf, layout, perm = _ghost_buffer(x, 1)
+            grad_x, sum_dy, grad_xhat_sum = _compiled_backward(
+                grad_out, buf, layout, perm, folded_weight, batch_mean.view(1, -1), batch_invstd.view(1, -1),
+                ctx.needs_input_grad[0])
+            sum_dy, grad_xhat_sum = sum_dy.view(-1), grad_xhat_sum.view(-1)
+        else:
+            grad_x, grad_xhat_sum, sum_dy = torch.ops.aten.native_batch_norm_backward(
+                grad_out, x, folded_weight, None, None, batch_mean, batch_invstd, True, ctx.eps,
+                [ctx.needs_input_grad[0], need_w, need_w or need_b])
         grad_w = torch.addcmul(d * sum_dy, r, grad_xhat_sum) if need_w else None
         grad_b = sum_dy if need_b else None
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
@@ -438,6 +446,16 @@ def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sorted(range(len(perm)), key=perm.__getitem__))
 
 
+def _compiled_backward(grad_out, buf, layout, perm, weight, means, invstds, need_dx):
+    """The compiled kernel's batch-norm backward over ``buf`` (from :func:`_ghost_buffer`):
+    ``dx`` in the input's layout (or None), and per (ghost, channel) ``Σdy`` and ``Σdy·x̂``."""
+    grad_buf = grad_out.permute(perm).contiguous() if perm else grad_out.contiguous().view(buf.shape)
+    dx, sum_dy, sum_dy_xhat = torch.ops.bnlab.ghost_backward(grad_buf, buf, weight, means, invstds, *layout, need_dx)
+    if not need_dx:
+        return None, sum_dy, sum_dy_xhat
+    return (dx.permute(_inverse(perm)) if perm else dx.view(grad_out.shape)), sum_dy, sum_dy_xhat
+
+
 class _CompiledGhostBatchNorm(torch.autograd.Function):
     """Ghost batch norm in one compiled kernel call each way (``csrc/ghost_batch_norm.cpp``).
 
@@ -468,14 +486,8 @@ class _CompiledGhostBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         buf, weight, means, invstds = ctx.saved_tensors
-        perm = ctx.perm
-        grad_buf = grad_out.permute(perm).contiguous() if perm else grad_out.contiguous().view(buf.shape)
-        dx, sum_dy, sum_dy_xhat = torch.ops.bnlab.ghost_backward(
-            grad_buf, buf, weight, means, invstds, *ctx.layout, ctx.needs_input_grad[0])
-        if ctx.needs_input_grad[0]:
-            dx = dx.permute(_inverse(perm)) if perm else dx.view(grad_out.shape)
-        else:
-            dx = None
+        dx, sum_dy, sum_dy_xhat = _compiled_backward(grad_out, buf, ctx.layout, ctx.perm, weight, means, invstds,
+                                                     ctx.needs_input_grad[0])
         grad_w = sum_dy_xhat.sum(0) if weight is not None and ctx.needs_input_grad[1] else None
         grad_b = sum_dy.sum(0) if ctx.needs_input_grad[2] else None
         return dx, grad_w, grad_b, None, None, None, None, None, None, None
