@@ -459,26 +459,19 @@ def _compiled_backward(grad_out, buf, layout, perm, weight, means, invstds, need
 class _CompiledGhostBatchNorm(torch.autograd.Function):
     """Ghost batch norm in one compiled kernel call each way (``csrc/ghost_batch_norm.cpp``).
 
-    The kernel returns the per-ghost mean, biased variance and 1/σ; the running statistics
-    are then updated from them in closed form: G sequential updates with momentum m are
-    ``(1−m)^G·old + Σ_g m(1−m)^(G−1−g)·stat_g``, and the averaged update is ``(1−m)·old + m·mean_g stat_g``.
+    The kernel also updates the running statistics, in the order chunked batch norm would
+    (per_ghost) or once with the ghosts' average (averaged), and returns the per-ghost mean,
+    biased variance and 1/σ for the backward pass.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, v, update, correction):
         ghosts = x.size(0) // v
         buf, layout, perm = _ghost_buffer(x, ghosts)
-        y, means, variances, invstds = torch.ops.bnlab.ghost_forward(buf, weight, bias, *layout, eps)
-        if running_mean is not None:
-            count = buf.numel() // (ghosts * layout[2])
-            if update == "per_ghost":
-                decay = (1.0 - momentum) ** ghosts
-                coef = momentum * (1.0 - momentum) ** torch.arange(ghosts - 1, -1, -1, dtype=x.dtype)
-            else:
-                decay, coef = 1.0 - momentum, torch.full((ghosts,), momentum / ghosts, dtype=x.dtype)
-            running_mean.mul_(decay).add_(coef.to(running_mean.dtype) @ means.to(running_mean.dtype))
-            unbias = count / (count - correction) if count > correction else float("nan")
-            running_var.mul_(decay).add_((coef * unbias).to(running_var.dtype) @ variances.to(running_var.dtype))
+        count = buf.numel() // (ghosts * layout[2])
+        unbias = count / (count - correction) if count > correction else float("nan")
+        y, means, variances, invstds = torch.ops.bnlab.ghost_forward(
+            buf, weight, bias, running_mean, running_var, *layout, eps, momentum, update == "averaged", unbias)
         ctx.save_for_backward(buf, weight, means, invstds)
         ctx.layout, ctx.perm = layout, perm
         return y.permute(_inverse(perm)) if perm else y.view(x.shape)

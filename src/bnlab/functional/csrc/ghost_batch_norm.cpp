@@ -260,14 +260,44 @@ void check_params(const at::Tensor& x, const c10::optional<at::Tensor>& p, int64
 }
 
 // x: contiguous buffer holding G ghosts; spatial = 0 selects the rows layout (R = rows per ghost).
+// Running statistics, when given (same dtype), are updated as G sequential batch-norm updates
+// (per_ghost) or one update with the ghosts' average mean and variance (averaged), storing the
+// variance times `unbias`.
+template <typename T>
+void update_running(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean, const at::Tensor& var,
+                    int64_t G, int64_t C, double momentum, bool averaged, double unbias) {
+  T* rm = running_mean.data_ptr<T>();
+  T* rv = running_var.data_ptr<T>();
+  const T* bm = mean.data_ptr<T>();
+  const T* bv = var.data_ptr<T>();
+  for (int64_t c = 0; c < C; ++c) {
+    if (averaged) {
+      double m = 0, v = 0;
+      for (int64_t g = 0; g < G; ++g) { m += bm[g * C + c]; v += bv[g * C + c]; }
+      rm[c] = static_cast<T>(momentum * (m / G) + (1 - momentum) * rm[c]);
+      rv[c] = static_cast<T>(momentum * (v / G * unbias) + (1 - momentum) * rv[c]);
+    } else {
+      for (int64_t g = 0; g < G; ++g) {
+        rm[c] = static_cast<T>(momentum * bm[g * C + c] + (1 - momentum) * rm[c]);
+        rv[c] = static_cast<T>(momentum * (bv[g * C + c] * unbias) + (1 - momentum) * rv[c]);
+      }
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_forward(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-    int64_t ghosts, int64_t per_ghost, int64_t channels, int64_t spatial, double eps) {
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+    int64_t ghosts, int64_t per_ghost, int64_t channels, int64_t spatial, double eps, double momentum,
+    bool averaged, double unbias) {
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "ghost_batch_norm: expects a contiguous CPU buffer");
   TORCH_CHECK(ghosts * per_ghost * channels * std::max<int64_t>(spatial, 1) == x.numel(),
               "ghost_batch_norm: layout does not match the buffer size");
   check_params(x, weight, channels, "weight");
   check_params(x, bias, channels, "bias");
+  check_params(x, running_mean, channels, "running_mean");
+  check_params(x, running_var, channels, "running_var");
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(), "ghost_batch_norm: give both running buffers or none");
   auto y = at::empty_like(x);
   auto mean = at::empty({ghosts, channels}, x.options());
   auto var = at::empty({ghosts, channels}, x.options());
@@ -282,6 +312,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_forward(
     else
       forward_rows<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), w, b, mean.data_ptr<scalar_t>(),
                              var.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(), ghosts, per_ghost, channels, eps);
+    if (running_mean.has_value() && running_mean->defined()) {
+      at::Tensor rm = *running_mean, rv = *running_var;
+      update_running<scalar_t>(rm, rv, mean, var, ghosts, channels, momentum, averaged, unbias);
+    }
   });
   return {y, mean, var, invstd};
 }
@@ -315,8 +349,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_backward(
 }  // namespace
 
 TORCH_LIBRARY(bnlab, m) {
-  m.def("ghost_forward(Tensor x, Tensor? weight, Tensor? bias, int ghosts, int per_ghost, int channels, "
-        "int spatial, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("ghost_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+        "int ghosts, int per_ghost, int channels, int spatial, float eps, float momentum, bool averaged, "
+        "float unbias) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("ghost_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, int ghosts, "
         "int per_ghost, int channels, int spatial, bool need_input_grad) -> (Tensor, Tensor, Tensor)");
 }
