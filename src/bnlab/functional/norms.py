@@ -339,7 +339,6 @@ class _BatchRenorm(torch.autograd.Function):
             grad_x, sum_dy, grad_xhat_sum = _compiled_backward(
                 grad_out, buf, layout, perm, folded_weight, batch_mean.view(1, -1), batch_invstd.view(1, -1),
                 ctx.needs_input_grad[0])
-            sum_dy, grad_xhat_sum = sum_dy.view(-1), grad_xhat_sum.view(-1)
         else:
             grad_x, grad_xhat_sum, sum_dy = torch.ops.aten.native_batch_norm_backward(
                 grad_out, x, folded_weight, None, None, batch_mean, batch_invstd, True, ctx.eps,
@@ -448,7 +447,7 @@ def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
 
 def _compiled_backward(grad_out, buf, layout, perm, weight, means, invstds, need_dx):
     """The compiled kernel's batch-norm backward over ``buf`` (from :func:`_ghost_buffer`):
-    ``dx`` in the input's layout (or None), and per (ghost, channel) ``Σdy`` and ``Σdy·x̂``."""
+    ``dx`` in the input's layout (or None), and per channel ``Σdy`` and ``Σdy·x̂`` over all ghosts."""
     grad_buf = grad_out.permute(perm).contiguous() if perm else grad_out.contiguous().view(buf.shape)
     dx, sum_dy, sum_dy_xhat = torch.ops.bnlab.ghost_backward(grad_buf, buf, weight, means, invstds, *layout, need_dx)
     if not need_dx:
@@ -481,8 +480,8 @@ class _CompiledGhostBatchNorm(torch.autograd.Function):
         buf, weight, means, invstds = ctx.saved_tensors
         dx, sum_dy, sum_dy_xhat = _compiled_backward(grad_out, buf, ctx.layout, ctx.perm, weight, means, invstds,
                                                      ctx.needs_input_grad[0])
-        grad_w = sum_dy_xhat.sum(0) if weight is not None and ctx.needs_input_grad[1] else None
-        grad_b = sum_dy.sum(0) if ctx.needs_input_grad[2] else None
+        grad_w = sum_dy_xhat if weight is not None and ctx.needs_input_grad[1] else None
+        grad_b = sum_dy if ctx.needs_input_grad[2] else None
         return dx, grad_w, grad_b, None, None, None, None, None, None, None
 
 

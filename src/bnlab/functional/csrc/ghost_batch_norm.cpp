@@ -168,7 +168,7 @@ void forward_rows(const T* x, T* y, const T* w, const T* b, T* mean, T* var, T* 
   rows_affine(x, y, scale, shift, G, R, C);
 }
 
-// dx = w·invstd·(dy − Σdy/n − (x−μ)·invstd²·Σdy(x−μ)/n); also returns Σdy and Σdy·x̂ per (ghost, channel).
+// dx = w·invstd·(dy − Σdy/n − (x−μ)·invstd²·Σdy(x−μ)/n); also Σdy and Σdy·x̂ per (ghost, channel).
 template <typename T>
 void backward_planes(const T* dy, const T* x, const T* w, const T* mean, const T* invstd, T* dx,
                      T* sum_dy, T* sum_dy_xhat, int64_t G, int64_t v, int64_t C, int64_t S) {
@@ -343,7 +343,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_backward(
                               invstd.data_ptr<scalar_t>(), dxp, sum_dy.data_ptr<scalar_t>(),
                               sum_dy_xhat.data_ptr<scalar_t>(), ghosts, per_ghost, channels);
   });
-  return {dx, sum_dy, sum_dy_xhat};
+  if (ghosts == 1) return {dx, sum_dy.view({channels}), sum_dy_xhat.view({channels})};
+  return {dx, sum_dy.sum(0), sum_dy_xhat.sum(0)};  // dγ and dβ add up over the ghosts
 }
 
 }  // namespace
