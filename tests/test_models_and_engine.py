@@ -248,3 +248,118 @@ def test_drop_last_skips_the_incomplete_batch():
     assert all(len(trainer.batch_indices(s)) == 32 for s in range(3))
     ghost = ModelSpec(hidden=(8,), norm="ghost", virtual_batch_size=16)
     StackedTrainer(ghost, CFG.with_(batch_size=32, drop_last=True), [0], data).run()  # 100 % 32 != 0 is fine now
+
+
+# -- bf16 with float32 master weights -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec,optimizer", [(TINY_MLP, "sgd"), (TINY_CNN, "adam"),
+                                            (TINY_MLP.with_(norm="none"), "sgd")])
+def test_master_weight_bf16_equals_autocast(spec, optimizer, monkeypatch):
+    # Oracle: the same stacked run under plain autocast with torch's fused optimizer. The
+    # master-weight path computes the same numbers with fewer passes, so the float32 weights
+    # agree to round-off of the optimizer arithmetic.
+    import bnlab.train.engine as engine
+    from bnlab.train.mixed_precision import MasterWeightOptimizer
+
+    data = prepare_data(fake_dataset(), CFG, spec)
+    cfg = CFG.with_(optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 3e-3, epochs=1, bf16=True,
+                    weight_decay=1e-3)
+    fast = StackedTrainer(spec, cfg, [0, 1], data)
+    assert isinstance(fast.optimizer, MasterWeightOptimizer)
+    with monkeypatch.context() as m:
+        m.setattr(engine, "master_weight_kernels_available", lambda: False)
+        reference = StackedTrainer(spec, cfg, [0, 1], data)
+    assert isinstance(reference.optimizer, torch.optim.Optimizer)
+    for step in range(25):
+        loss_fast, loss_ref = fast.train_step(), reference.train_step()
+        torch.testing.assert_close(loss_fast, loss_ref, rtol=2e-3, atol=2e-3)
+        if step == 2:
+            # Early on the two agree to float32 round-off. (On this machine SGD agrees bit for bit
+            # throughout; a one-ulp difference, e.g. from another CPU's torch kernel, later flips bf16
+            # roundings of the shadows and grows, which the looser check below allows.)
+            for (name, a), b in zip(fast.model.state_dict().items(), reference.model.state_dict().values()):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    for (name, a), b in zip(fast.model.state_dict().items(), reference.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=5e-3, msg=name)
+    # the shadows are the float32 weights rounded to bf16, as autocast would cast them
+    for master, shadow in fast.optimizer.pairs:
+        assert torch.equal(shadow, master.detach().to(torch.bfloat16))
+    # and the optimizer state has torch's own layout, so checkpoints mix freely
+    assert fast.optimizer.state_dict()["state"].keys() == reference.optimizer.state_dict()["state"].keys()
+
+
+def test_master_weight_sgd_step_matches_torch_on_one_tensor():
+    # Hand-made oracle for the kernel alone: torch's fused SGD on the float32 weight with the
+    # widened bf16 gradient; then the shadow must be that weight's bf16 rounding.
+    from bnlab.train.mixed_precision import master_weight_kernels_available
+
+    assert master_weight_kernels_available()
+    torch.manual_seed(0)
+    master = torch.randn(1000)
+    grad16 = torch.randn(1000).to(torch.bfloat16)
+    ref = master.clone().requires_grad_(True)
+    opt = torch.optim.SGD([ref], lr=0.1, momentum=0.9, weight_decay=0.01, fused=True)
+    buf = torch.empty(1000)
+    shadow = torch.empty(1000, dtype=torch.bfloat16)
+    for step in range(3):
+        ref.grad = grad16.float()
+        opt.step()
+        torch.ops.bnlab_train.sgd_master_step(master, buf, grad16, shadow, 0.1, 0.9, 0.01, step == 0)
+        torch.testing.assert_close(master, ref.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(buf, opt.state[ref]["momentum_buffer"], rtol=1e-6, atol=1e-7)
+        assert torch.equal(shadow, master.to(torch.bfloat16))  # torch's own rounding
+    special = torch.tensor([float("nan"), float("inf"), -0.0, 1.00390625, 3.3895e38])
+    torch.ops.bnlab_train.sgd_master_step(special, None, torch.zeros(5, dtype=torch.bfloat16), shadow[:5], 0.0, 0.0,
+                                          0.0, True)
+    torch.testing.assert_close(shadow[:5], special.to(torch.bfloat16), equal_nan=True, rtol=0, atol=0)
+
+
+def test_master_weight_resume_equals_an_uninterrupted_run(tmp_path):
+    data = prepare_data(fake_dataset(), CFG, TINY_MLP)
+    cfg = CFG.with_(bf16=True, epochs=1)
+    straight = StackedTrainer(TINY_MLP, cfg, [0, 1], data)
+    for _ in range(12):
+        straight.train_step()
+    first = StackedTrainer(TINY_MLP, cfg, [0, 1], data)
+    for _ in range(6):
+        first.train_step()
+    first.save_checkpoint(tmp_path / "ckpt.pt")
+    second = StackedTrainer(TINY_MLP, cfg, [0, 1], data)
+    second.load_checkpoint(tmp_path / "ckpt.pt")  # the shadows must follow the loaded weights
+    for _ in range(6):
+        second.train_step()
+    for a, b in zip(second.model.state_dict().values(), straight.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_probes_and_accumulation_keep_plain_autocast():
+    from bnlab.train.mixed_precision import MasterWeightOptimizer
+
+    data = prepare_data(fake_dataset(), CFG, TINY_MLP)
+    trainer = StackedTrainer(TINY_MLP, CFG.with_(bf16=True), [0, 1], data, probes=(lambda trainer: {},))
+    assert not isinstance(trainer.optimizer, MasterWeightOptimizer)
+    trainer = StackedTrainer(TINY_MLP, CFG.with_(bf16=True, accumulate=2), [0, 1], data)
+    assert not isinstance(trainer.optimizer, MasterWeightOptimizer)
+    assert isinstance(StackedTrainer(TINY_MLP, CFG.with_(bf16=True), [0, 1], data).optimizer, MasterWeightOptimizer)
+
+
+def test_master_weight_adam_step_matches_torch_on_one_tensor():
+    from bnlab.train.mixed_precision import master_weight_kernels_available
+
+    assert master_weight_kernels_available()
+    torch.manual_seed(1)
+    master = torch.randn(5003)
+    ref = master.clone().requires_grad_(True)
+    opt = torch.optim.Adam([ref], lr=3e-3, weight_decay=0.01, fused=True)
+    m, v = torch.zeros_like(master), torch.zeros_like(master)
+    shadow = torch.empty(5003, dtype=torch.bfloat16)
+    for step in range(1, 6):
+        grad16 = torch.randn(5003).to(torch.bfloat16)
+        ref.grad = grad16.float()
+        opt.step()
+        torch.ops.bnlab_train.adam_master_step(master, m, v, grad16, shadow, 3e-3, 0.9, 0.999, 1e-8, 0.01, step)
+        torch.testing.assert_close(master, ref.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(m, opt.state[ref]["exp_avg"], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(v, opt.state[ref]["exp_avg_sq"], rtol=1e-6, atol=1e-9)
+        assert torch.equal(shadow, master.to(torch.bfloat16))

@@ -469,7 +469,7 @@ def test_compiled_kernels_build_on_this_machine():
 def test_a_failed_kernel_build_warns_once_and_falls_back(monkeypatch):
     import bnlab.functional.compiled as compiled
 
-    def broken_build():
+    def broken_build(name, sources, cflags=()):
         raise RuntimeError("Ninja is required to load C++ extensions")
 
     monkeypatch.setattr(compiled, "_state", {})

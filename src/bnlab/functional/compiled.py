@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_kernels", "kernels_available"]
+__all__ = ["load_kernels", "kernels_available", "build_extension"]
 
 _SOURCES = [Path(__file__).parent / "csrc" / name for name in ("ghost_batch_norm.cpp", "batch_renorm.cpp")]
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -67,14 +67,14 @@ def _ensure_ninja_on_path() -> None:
     os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
-def _build() -> None:
+def _build(name: str, sources: list[Path], cflags: tuple[str, ...] = ()) -> None:
     from torch.utils import cpp_extension
 
     _ensure_ninja_on_path()
-    name = f"bnlab_kernels_{_cpu_signature()}"
-    build_dir = _cache_dir() / f"torch{torch.__version__.split('+')[0]}" / name
+    full_name = f"{name}_{_cpu_signature()}"
+    build_dir = _cache_dir() / f"torch{torch.__version__.split('+')[0]}" / full_name
     build_dir.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(name=name, sources=[str(s) for s in _SOURCES], extra_cflags=_CFLAGS,
+    cpp_extension.load(name=full_name, sources=[str(s) for s in sources], extra_cflags=_CFLAGS + list(cflags),
                        extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False,
                        verbose=False)
 
@@ -86,29 +86,37 @@ def _first_error(exc: Exception) -> str:
     return (errors or lines or [repr(exc)])[0][:300]
 
 
-def load_kernels() -> bool:
-    """Build (once per machine) and load the compiled kernels; True when ``torch.ops.bnlab`` has them."""
-    if "loaded" in _state:
-        return _state["loaded"]
+def build_extension(name: str, sources: list[Path], ops: tuple[str, ...], cflags: tuple[str, ...] = ()) -> bool:
+    """Build (once per machine) and load a C++ extension that registers ``ops`` (``"namespace::op"``)
+    with torch, compiled with ``-O3 -march=native -fopenmp`` plus ``cflags``; True when they are all there. Any failure warns once and returns False, so callers
+    keep a torch fallback. Later calls return the first answer."""
+    if name in _state:
+        return _state[name]
     with _lock:
-        if "loaded" in _state:
-            return _state["loaded"]
+        if name in _state:
+            return _state[name]
         if os.environ.get("BNLAB_COMPILED_KERNELS", "1") == "0":
-            _state["loaded"] = False
+            _state[name] = False
             return False
         try:
-            _build()
-            _state["loaded"] = all(hasattr(torch.ops.bnlab, op) for op in ("ghost_forward", "renorm_factors"))
+            _build(name, sources, cflags)
+            _state[name] = all(hasattr(getattr(torch.ops, op.split("::")[0]), op.split("::")[1]) for op in ops)
         except Exception as exc:  # any build failure means: use the torch path
             warnings.warn(
                 f"bnlab could not build its compiled CPU kernels ({type(exc).__name__}: {_first_error(exc)}); "
                 "falling back to the slower torch path. A C++ compiler and the 'ninja' package are needed; "
                 "set BNLAB_COMPILED_KERNELS=0 to silence this.",
-                RuntimeWarning, stacklevel=2)
-            _state["loaded"] = False
-        return _state["loaded"]
+                RuntimeWarning, stacklevel=3)
+            _state[name] = False
+        return _state[name]
+
+
+def load_kernels() -> bool:
+    """Build (once per machine) and load the normalization kernels; True when ``torch.ops.bnlab`` has them."""
+    return build_extension("bnlab_kernels", _SOURCES,
+                           ("bnlab::ghost_forward", "bnlab::ghost_backward", "bnlab::renorm_factors"))
 
 
 def kernels_available() -> bool:
-    """Whether the compiled kernels are in use (builds them on the first call)."""
+    """Whether the compiled normalization kernels are in use (builds them on the first call)."""
     return load_kernels()

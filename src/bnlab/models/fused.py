@@ -53,19 +53,21 @@ class StackedLinear(nn.Module):
         self.weight = nn.Parameter(weights.contiguous())
         has_bias = layers[0].bias is not None
         self.bias = nn.Parameter(torch.stack([l.bias.detach() for l in layers]).clone()) if has_bias else None
+        self.compute_weight: Tensor | None = None  # see _training_weight
 
     def forward(self, x: Tensor) -> Tensor:
+        weight = _training_weight(self)
         if self.shared_input:
-            inp, k, out = self.weight.shape
-            y = x @ self.weight.view(inp, k * out)
+            inp, k, out = weight.shape
+            y = x @ weight.view(inp, k * out)
             if self.bias is not None:
                 y = y + self.bias.view(k * out)
             return y.view(len(x), k, out)
         xk = x.transpose(0, 1)  # (K, B, in)
         if self.bias is None:
-            y = torch.bmm(xk, self.weight)
+            y = torch.bmm(xk, weight)
         else:
-            y = torch.baddbmm(self.bias.unsqueeze(1), xk, self.weight)
+            y = torch.baddbmm(self.bias.unsqueeze(1), xk, weight)
         return y.transpose(0, 1).contiguous()  # (B, K, out): the next norm views it as (B, K*out)
 
     def unstacked(self, k: int) -> dict[str, Tensor]:
@@ -90,10 +92,12 @@ class StackedConv2d(nn.Module):
         self.weight = nn.Parameter(torch.stack([l.weight.detach() for l in layers]).clone())  # (K, out, in, kh, kw)
         has_bias = proto.bias is not None
         self.bias = nn.Parameter(torch.stack([l.bias.detach() for l in layers]).clone()) if has_bias else None
+        self.compute_weight: Tensor | None = None  # see _training_weight
 
     def forward(self, x: Tensor) -> Tensor:
         k, out = self.weight.shape[:2]
-        weight = self.weight.reshape(k * out, *self.weight.shape[2:])
+        weight = _training_weight(self)
+        weight = weight.reshape(k * out, *weight.shape[2:])
         bias = None if self.bias is None else self.bias.reshape(k * out)
         groups = 1 if self.shared_input else k
         return nn.functional.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
@@ -103,6 +107,15 @@ class StackedConv2d(nn.Module):
         if self.bias is not None:
             d["bias"] = self.bias[k]
         return d
+
+
+def _training_weight(layer: nn.Module) -> Tensor:
+    """The weight a stacked layer computes with: its parameter, or in training mode the low-precision
+    copy that a master-weight optimizer (``bnlab.train.mixed_precision``) keeps in step with it, so the
+    matmuls skip autocast's per-step cast. Evaluation always reads the parameter itself."""
+    if layer.compute_weight is not None and layer.training:
+        return layer.compute_weight
+    return layer.weight
 
 
 class StackedNorm(nn.Module):

@@ -19,9 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from bnlab.data import Dataset
-from bnlab.models.fused import StackedModel, per_model_cross_entropy
+from bnlab.models.fused import StackedConv2d, StackedLinear, StackedModel, per_model_cross_entropy
 from bnlab.models.spec import ModelSpec, build_model
 from bnlab.train.config import TrainConfig
+from bnlab.train.mixed_precision import MasterWeightOptimizer, master_weight_kernels_available
 
 __all__ = ["TrainData", "StackedTrainer", "StopRequested", "graceful_stop", "prepare_data"]
 
@@ -94,6 +95,12 @@ class StackedTrainer:
         self.k = len(seeds)
         self.model = StackedModel([build_model(spec, seed=s) for s in seeds])
         self.optimizer = _make_optimizer(cfg, self.model.parameters())
+        if cfg.bf16 and self.k > 1 and cfg.accumulate == 1 and not probes and master_weight_kernels_available():
+            # Same numbers as autocast, without its per-step weight casts (see mixed_precision).
+            # Probes may perturb the float32 weights, which a shadow would not see, and accumulated
+            # micro-batch gradients would add up in bf16 on a shadow: both keep plain autocast.
+            stacked = [m for m in self.model.modules() if isinstance(m, (StackedLinear, StackedConv2d))]
+            self.optimizer = MasterWeightOptimizer(self.optimizer, stacked)
         self.n_train = len(data.train_x)
         self.total_steps = cfg.total_steps(self.n_train)
         self.steps_per_epoch = cfg.steps_per_epoch(self.n_train)

@@ -1,0 +1,132 @@
+"""bf16 training with float32 master weights, without autocast's per-step weight casts.
+
+Under ``torch.autocast(dtype=bfloat16)`` each training step casts every float32
+weight to bfloat16 for its matmul and casts the bfloat16 weight gradient back to
+float32 for the optimizer. For the stacked models of the engine those two casts
+move more memory than the optimizer itself. :class:`MasterWeightOptimizer`
+removes them: the stacked layers compute with a bfloat16 *shadow* of their weight
+(see ``bnlab.models.fused._training_weight``), and one compiled pass per weight
+(``csrc/master_weights.cpp``) reads the shadow's bf16 gradient, updates the
+float32 weight and the optimizer state as torch's fused SGD/Adam do, and writes
+the new shadow.
+
+The numbers are those of autocast: the shadow is the float32 weight rounded to
+bfloat16 (round to nearest even, as autocast casts), the bf16 gradient is
+widened exactly, and the update is torch's formula in float32. The float32
+weights stay the model's parameters, so checkpoints, ``write_back`` and
+evaluation are unchanged, and the optimizer's state dict is torch's own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bnlab.functional.compiled import build_extension
+
+__all__ = ["MasterWeightOptimizer", "master_weight_kernels_available"]
+
+_SOURCES = [Path(__file__).parent / "csrc" / "master_weights.cpp"]
+
+
+def master_weight_kernels_available() -> bool:
+    """Build (once per machine) and load the master-weight optimizer kernels."""
+    # no fused multiply-add: torch's fused optimizers round the product and the sum separately,
+    # and so must this kernel for its updates to be bit-identical to theirs
+    return build_extension("bnlab_train_kernels", _SOURCES,
+                           ("bnlab_train::sgd_master_step", "bnlab_train::adam_master_step"),
+                           cflags=("-ffp-contract=off",))
+
+
+class MasterWeightOptimizer:
+    """Wraps a torch SGD or Adam optimizer over a model whose large layers compute with bf16 shadows.
+
+    Args:
+        inner: ``torch.optim.SGD`` (no dampening, no Nesterov) or ``torch.optim.Adam`` (no
+            amsgrad) over all the model's parameters. It steps every parameter that has a
+            gradient; the shadowed weights have none (their shadows do), and are stepped here
+            with the same hyperparameters and the same state entries.
+        layers: modules with a float32 ``weight`` parameter and a ``compute_weight`` attribute,
+            which gets the shadow.
+    """
+
+    def __init__(self, inner: torch.optim.Optimizer, layers: list[nn.Module]):
+        if not isinstance(inner, (torch.optim.SGD, torch.optim.Adam)):
+            raise TypeError(f"master weights support SGD and Adam, not {type(inner).__name__}")
+        if len(inner.param_groups) != 1:
+            raise ValueError("master weights expect a single parameter group")
+        group = inner.param_groups[0]
+        if isinstance(inner, torch.optim.SGD) and (group["dampening"] or group["nesterov"] or group["maximize"]):
+            raise ValueError("master-weight SGD supports neither dampening, Nesterov nor maximize")
+        if isinstance(inner, torch.optim.Adam) and (group["amsgrad"] or group["maximize"]):
+            raise ValueError("master-weight Adam supports neither amsgrad nor maximize")
+        self.inner = inner
+        self.pairs: list[tuple[nn.Parameter, torch.Tensor]] = []
+        for layer in layers:
+            shadow = layer.weight.detach().to(torch.bfloat16).requires_grad_(True)
+            layer.compute_weight = shadow
+            self.pairs.append((layer.weight, shadow))
+
+    @property
+    def param_groups(self):
+        return self.inner.param_groups
+
+    @property
+    def state(self):
+        return self.inner.state
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+        for _, shadow in self.pairs:
+            shadow.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.inner.step()  # everything but the shadowed weights
+        group = self.inner.param_groups[0]
+        sgd = isinstance(self.inner, torch.optim.SGD)
+        for master, shadow in self.pairs:
+            if shadow.grad is None:
+                continue
+            state = self.inner.state[master]
+            if sgd:
+                self._sgd_step(master, shadow, state, group)
+            else:
+                self._adam_step(master, shadow, state, group)
+
+    @staticmethod
+    def _sgd_step(master, shadow, state, group) -> None:
+        momentum = group["momentum"]
+        buffer = state.get("momentum_buffer")
+        first = buffer is None
+        if momentum != 0 and first:
+            buffer = state["momentum_buffer"] = torch.empty_like(master, memory_format=torch.preserve_format)
+        torch.ops.bnlab_train.sgd_master_step(master, buffer if momentum != 0 else None, shadow.grad, shadow,
+                                              float(group["lr"]), momentum, group["weight_decay"], first)
+
+    @staticmethod
+    def _adam_step(master, shadow, state, group) -> None:
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(master, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(master, memory_format=torch.preserve_format)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        torch.ops.bnlab_train.adam_master_step(master, state["exp_avg"], state["exp_avg_sq"], shadow.grad, shadow,
+                                               float(group["lr"]), beta1, beta2, group["eps"],
+                                               group["weight_decay"], int(state["step"].item()))
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.inner.load_state_dict(state_dict)
+        self.refresh_shadows()
+
+    @torch.no_grad()
+    def refresh_shadows(self) -> None:
+        """Re-round every shadow from its float32 weight (after the weights were loaded or changed)."""
+        for master, shadow in self.pairs:
+            shadow.copy_(master)
