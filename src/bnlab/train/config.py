@@ -24,7 +24,10 @@ class TrainConfig:
         eval_every: evaluate the test set every this many steps (plus four times
             as often during the first ``2 * eval_every`` steps, where curves move fastest).
         data_seed: the batch order; all K stacked models see the same batches.
-        bf16: bfloat16 autocast for matmuls and convolutions (off by default).
+        bf16: bfloat16 autocast for matmuls and convolutions (off by default). Stacked
+            runs (K > 1) keep float32 master weights and compute with bf16 copies that a
+            compiled optimizer pass refreshes, instead of casting every step: the same
+            numbers, fewer passes over the weights (``bnlab.train.mixed_precision``).
         checkpoint_every: save a resumable checkpoint every this many steps.
         drop_last: skip the last, incomplete batch of every epoch (as DataLoader's
             ``drop_last``), e.g. for Ghost BN, which needs batches that are a multiple
