@@ -30,7 +30,7 @@ import torch
 
 __all__ = ["load_kernels", "kernels_available", "build_extension"]
 
-_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("ghost_batch_norm.cpp", "batch_renorm.cpp")]
+_SOURCES = [Path(__file__).parent / "csrc" / "ghost_batch_norm.cpp"]
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
@@ -114,7 +114,7 @@ def build_extension(name: str, sources: list[Path], ops: tuple[str, ...], cflags
 def load_kernels() -> bool:
     """Build (once per machine) and load the normalization kernels; True when ``torch.ops.bnlab`` has them."""
     return build_extension("bnlab_kernels", _SOURCES,
-                           ("bnlab::ghost_forward", "bnlab::ghost_backward", "bnlab::renorm_factors"))
+                           ("bnlab::ghost_forward", "bnlab::ghost_backward", "bnlab::renorm_forward"))
 
 
 def kernels_available() -> bool:

@@ -273,9 +273,8 @@ def batch_renorm(
     if input.numel() == 0:
         return batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
     _check_enough_values(input)
-    compiled = (input.device.type == "cpu"
-                and all(t is None or t.dtype == torch.float32
-                        for t in (input, weight, bias, running_mean, running_var))
+    compiled = (input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64)
+                and all(t is None or t.dtype == input.dtype for t in (weight, bias, running_mean, running_var))
                 and load_kernels())
     with _keep_if_finite(running_mean, running_var, skip_nonfinite_update) as (target_mean, target_var):
         return _BatchRenorm.apply(input, weight, bias, target_mean, target_var, momentum, eps,
@@ -283,8 +282,8 @@ def batch_renorm(
 
 
 def _renorm_factors_eager(x, weight, bias, running_mean, running_var, momentum, eps, r_max, d_max, correction):
-    """r, d, the folded affine and 1/σ_B, with the running statistics updated: the eager twin of the
-    compiled ``renorm_factors`` op (``csrc/batch_renorm.cpp``)."""
+    """Batch statistics, r, d and the folded affine, with the running statistics updated: the
+    torch-ops twin of the compiled ``renorm_forward`` (``csrc/ghost_batch_norm.cpp``)."""
     old_mean, old_sigma = running_mean.clone(), torch.sqrt(running_var + eps)
     with corrected_running_var(x, running_var, True, correction) as rv:
         batch_mean, batch_var = torch.batch_norm_update_stats(x, running_mean, rv, momentum)
@@ -303,29 +302,30 @@ class _BatchRenorm(torch.autograd.Function):
 
     r and d are per-channel constants, so ``y = γ(x̂·r + d) + β`` is batch norm
     with weight ``γr`` and bias ``γd + β``, and so is its gradient with respect
-    to x. Forward: ATen's ``batch_norm_update_stats`` gives the batch mean and
-    variance (one read of x); the per-channel step computes r, d, the folded
-    affine and the running update (one compiled call, or about fifteen tiny eager
-    ops); ATen's inference kernel then applies ``x·a + b`` (one read, one
-    write), which is what a training-mode batch norm costs too. Backward: one
-    batch-norm backward with weight ``γr`` (the compiled kernel's, else ATen's)
-    gives dx, ``Σdy·x̂`` and ``Σdy``, from which ``dγ = r·Σdy·x̂ + d·Σdy`` and
-    ``dβ = Σdy`` per channel.
+    to x. With the compiled kernels, the forward is one call (statistics, r, d,
+    the folded affine, the output and the running update) and the backward is
+    the compiled batch-norm backward with weight ``γr``. Otherwise: ATen's
+    ``batch_norm_update_stats`` (one read of x), about fifteen tiny eager ops for
+    the per-channel step, ATen's inference kernel for ``x·a + b``, and ATen's
+    batch-norm backward. Either way ``dγ = r·Σdy·x̂ + d·Σdy`` and ``dβ = Σdy``.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, r_max, d_max, correction, compiled):
         if compiled:
-            batch_mean, batch_var = torch.batch_norm_update_stats(x, None, None, momentum)
-            count = x.numel() // x.size(1)
+            buf, layout, perm = _ghost_buffer(x, 1)
+            count = buf.numel() // layout[2]
             unbias = count / (count - correction) if count > correction else float("nan")
-            folded_weight, folded_bias, r, d, batch_invstd = torch.ops.bnlab.renorm_factors(
-                batch_mean, batch_var, running_mean, running_var, weight, bias, eps, r_max, d_max, momentum, unbias)
+            y, batch_mean, batch_invstd, r, d, folded_weight = torch.ops.bnlab.renorm_forward(
+                buf, weight, bias, running_mean, running_var, *layout[1:], eps, momentum, unbias, r_max, d_max)
+            y = y.permute(_inverse(perm)) if perm else y.view(x.shape)
+            ctx.save_for_backward(buf, folded_weight, batch_mean, batch_invstd, r, d)
+            ctx.layout, ctx.perm = layout, perm
         else:
             batch_mean, batch_var, batch_invstd, r, d, folded_weight, folded_bias = _renorm_factors_eager(
                 x, weight, bias, running_mean, running_var, momentum, eps, r_max, d_max, correction)
-        y = torch.native_batch_norm(x, folded_weight, folded_bias, batch_mean, batch_var, False, 0.0, eps)[0]
-        ctx.save_for_backward(x, folded_weight, batch_mean, batch_invstd, r, d)
+            y = torch.native_batch_norm(x, folded_weight, folded_bias, batch_mean, batch_var, False, 0.0, eps)[0]
+            ctx.save_for_backward(x, folded_weight, batch_mean, batch_invstd, r, d)
         ctx.eps, ctx.has_weight, ctx.has_bias, ctx.compiled = eps, weight is not None, bias is not None, compiled
         return y
 
@@ -334,10 +334,9 @@ class _BatchRenorm(torch.autograd.Function):
         x, folded_weight, batch_mean, batch_invstd, r, d = ctx.saved_tensors
         need_w = ctx.has_weight and ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
-        if ctx.compiled:  # one ghost: the compiled batch-norm backward, faster than ATen's on every layout
-            buf, layout, perm = _ghost_buffer(x, 1)
+        if ctx.compiled:  # x is the kernel's buffer here
             grad_x, sum_dy, grad_xhat_sum = _compiled_backward(
-                grad_out, buf, layout, perm, folded_weight, batch_mean.view(1, -1), batch_invstd.view(1, -1),
+                grad_out, x, ctx.layout, ctx.perm, folded_weight, batch_mean.view(1, -1), batch_invstd.view(1, -1),
                 ctx.needs_input_grad[0])
         else:
             grad_x, grad_xhat_sum, sum_dy = torch.ops.aten.native_batch_norm_backward(

@@ -1,4 +1,5 @@
-// Ghost batch norm on the CPU in one call: G ghost batches, each normalized with its own statistics.
+// Ghost batch norm (and batch renorm, its one-ghost case with a different affine) on the CPU in one
+// call: G ghost batches, each normalized with its own statistics.
 //
 // ATen's batch norm, called once per ghost batch, pays its per-call cost G times forward and G
 // times backward; on small inputs that cost is most of the time. These two kernels do the same
@@ -45,8 +46,45 @@ inline T run_centered_squares(const T* p, int64_t n, T mean) {
   return s;
 }
 
+// The per-(ghost, channel) affine that maps x to y, from the batch statistics.
+//   GhostFold:  batch norm, scale = γ/σ_B, shift = β − μ_B·scale.
+//   RenormFold: batch renorm (G = 1), with r and d from the running statistics as they were
+//               before this call; scale = γr/σ_B, shift = γd + β − μ_B·scale.
 template <typename T>
-void forward_planes(const T* x, T* y, const T* w, const T* b, T* mean, T* var, T* invstd,
+struct GhostFold {
+  const T* w;
+  const T* b;
+  void operator()(int64_t /*q*/, int64_t c, T m, T inv, T& scale, T& shift) const {
+    scale = inv * (w ? w[c] : T(1));
+    shift = (b ? b[c] : T(0)) - m * scale;
+  }
+};
+
+template <typename T>
+struct RenormFold {
+  const T* w;
+  const T* b;
+  const T* running_mean;
+  const T* running_var;
+  T eps, r_max, d_max;
+  T* r;
+  T* d;
+  T* folded_weight;
+  void operator()(int64_t q, int64_t c, T m, T inv, T& scale, T& shift) const {
+    const T sigma = std::sqrt(running_var[c] + eps);
+    const T rc = std::clamp(T(1) / (inv * sigma), T(1) / r_max, r_max);
+    const T dc = std::clamp((m - running_mean[c]) / sigma, -d_max, d_max);
+    const T gamma = w ? w[c] : T(1);
+    r[q] = rc;
+    d[q] = dc;
+    folded_weight[q] = gamma * rc;
+    scale = inv * folded_weight[q];
+    shift = gamma * dc + (b ? b[c] : T(0)) - m * scale;
+  }
+};
+
+template <typename T, typename Fold>
+void forward_planes(const T* x, T* y, const Fold& fold, T* mean, T* var, T* invstd,
                     int64_t G, int64_t v, int64_t C, int64_t S, double eps) {
   const double n = static_cast<double>(v * S);
   at::parallel_for(0, G * C, 1, [&](int64_t begin, int64_t end) {
@@ -63,8 +101,8 @@ void forward_planes(const T* x, T* y, const T* w, const T* b, T* mean, T* var, T
       mean[t] = m;
       var[t] = static_cast<T>(var_b);
       invstd[t] = inv;
-      const T scale = inv * (w ? w[c] : T(1));
-      const T shift = (b ? b[c] : T(0)) - m * scale;
+      T scale, shift;
+      fold(t, c, m, inv, scale, shift);
       T* out = y + (g * v * C + c) * S;
       for (int64_t i = 0; i < v; ++i) {
         const T* xi = base + i * C * S;
@@ -131,8 +169,8 @@ void rows_affine(const T* x, T* y, const std::vector<T>& scale, const std::vecto
   });
 }
 
-template <typename T>
-void forward_rows(const T* x, T* y, const T* w, const T* b, T* mean, T* var, T* invstd,
+template <typename T, typename Fold>
+void forward_rows(const T* x, T* y, const Fold& fold, T* mean, T* var, T* invstd,
                   int64_t G, int64_t R, int64_t C, double eps) {
   // One pass for the statistics: sums of (x − K) and (x − K)² with K the ghost's first row, a
   // value from the same distribution, so the shifted moments do not cancel catastrophically.
@@ -161,8 +199,7 @@ void forward_rows(const T* x, T* y, const T* w, const T* b, T* mean, T* var, T* 
       mean[q] = m;
       var[q] = static_cast<T>(var_b);
       invstd[q] = inv;
-      scale[q] = inv * (w ? w[c] : T(1));
-      shift[q] = (b ? b[c] : T(0)) - m * scale[q];
+      fold(q, c, m, inv, scale[q], shift[q]);
     }
   }
   rows_affine(x, y, scale, shift, G, R, C);
@@ -285,6 +322,17 @@ void update_running(at::Tensor& running_mean, at::Tensor& running_var, const at:
   }
 }
 
+template <typename T, typename Fold>
+void forward_any(const at::Tensor& x, at::Tensor& y, const Fold& fold, at::Tensor& mean, at::Tensor& var,
+                 at::Tensor& invstd, int64_t ghosts, int64_t per_ghost, int64_t channels, int64_t spatial, double eps) {
+  if (spatial > 0)
+    forward_planes<T>(x.data_ptr<T>(), y.data_ptr<T>(), fold, mean.data_ptr<T>(), var.data_ptr<T>(),
+                      invstd.data_ptr<T>(), ghosts, per_ghost, channels, spatial, eps);
+  else
+    forward_rows<T>(x.data_ptr<T>(), y.data_ptr<T>(), fold, mean.data_ptr<T>(), var.data_ptr<T>(),
+                    invstd.data_ptr<T>(), ghosts, per_ghost, channels, eps);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_forward(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
@@ -303,21 +351,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_forward(
   auto var = at::empty({ghosts, channels}, x.options());
   auto invstd = at::empty({ghosts, channels}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ghost_forward", [&] {
-    const scalar_t* w = opt_ptr<scalar_t>(weight);
-    const scalar_t* b = opt_ptr<scalar_t>(bias);
-    if (spatial > 0)
-      forward_planes<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), w, b, mean.data_ptr<scalar_t>(),
-                               var.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(), ghosts, per_ghost, channels,
-                               spatial, eps);
-    else
-      forward_rows<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), w, b, mean.data_ptr<scalar_t>(),
-                             var.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(), ghosts, per_ghost, channels, eps);
+    const GhostFold<scalar_t> fold{opt_ptr<scalar_t>(weight), opt_ptr<scalar_t>(bias)};
+    forward_any<scalar_t>(x, y, fold, mean, var, invstd, ghosts, per_ghost, channels, spatial, eps);
     if (running_mean.has_value() && running_mean->defined()) {
       at::Tensor rm = *running_mean, rv = *running_var;
       update_running<scalar_t>(rm, rv, mean, var, ghosts, channels, momentum, averaged, unbias);
     }
   });
   return {y, mean, var, invstd};
+}
+
+// Batch renorm's training forward (one ghost): statistics, r and d from the running statistics
+// as they were, the folded affine, the output and the running update, in one call. Returns
+// (y, mean, invstd, r, d, folded_weight); the backward is ghost_backward with folded_weight.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> renorm_forward(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    at::Tensor running_mean, at::Tensor running_var, int64_t per_ghost, int64_t channels, int64_t spatial,
+    double eps, double momentum, double unbias, double r_max, double d_max) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "batch_renorm: expects a contiguous CPU buffer");
+  TORCH_CHECK(per_ghost * channels * std::max<int64_t>(spatial, 1) == x.numel(),
+              "batch_renorm: layout does not match the buffer size");
+  check_params(x, weight, channels, "weight");
+  check_params(x, bias, channels, "bias");
+  check_params(x, running_mean, channels, "running_mean");
+  check_params(x, running_var, channels, "running_var");
+  auto y = at::empty_like(x);
+  auto mean = at::empty({1, channels}, x.options());
+  auto var = at::empty({1, channels}, x.options());
+  auto invstd = at::empty({1, channels}, x.options());
+  auto r = at::empty({channels}, x.options());
+  auto d = at::empty({channels}, x.options());
+  auto folded_weight = at::empty({channels}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "renorm_forward", [&] {
+    using T = scalar_t;
+    const RenormFold<T> fold{opt_ptr<T>(weight), opt_ptr<T>(bias), running_mean.data_ptr<T>(),
+                             running_var.data_ptr<T>(), T(eps), T(r_max), T(d_max), r.data_ptr<T>(),
+                             d.data_ptr<T>(), folded_weight.data_ptr<T>()};
+    forward_any<T>(x, y, fold, mean, var, invstd, 1, per_ghost, channels, spatial, eps);
+    update_running<T>(running_mean, running_var, mean, var, 1, channels, momentum, false, unbias);
+  });
+  return {y, mean.view({channels}), invstd.view({channels}), r, d, folded_weight};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_backward(
@@ -353,11 +426,15 @@ TORCH_LIBRARY(bnlab, m) {
   m.def("ghost_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
         "int ghosts, int per_ghost, int channels, int spatial, float eps, float momentum, bool averaged, "
         "float unbias) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("renorm_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!) running_mean, Tensor(b!) running_var, "
+        "int per_ghost, int channels, int spatial, float eps, float momentum, float unbias, float r_max, "
+        "float d_max) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("ghost_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, int ghosts, "
         "int per_ghost, int channels, int spatial, bool need_input_grad) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bnlab, CPU, m) {
   m.impl("ghost_forward", &ghost_forward);
+  m.impl("renorm_forward", &renorm_forward);
   m.impl("ghost_backward", &ghost_backward);
 }
