@@ -363,3 +363,55 @@ def test_master_weight_adam_step_matches_torch_on_one_tensor():
         torch.testing.assert_close(m, opt.state[ref]["exp_avg"], rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(v, opt.state[ref]["exp_avg_sq"], rtol=1e-6, atol=1e-9)
         assert torch.equal(shadow, master.to(torch.bfloat16))
+
+
+def test_master_weight_shadows_follow_weights_loaded_behind_the_optimizers_back(monkeypatch):
+    # model.load_state_dict bypasses the optimizer; the next step must compute with the loaded
+    # weights, exactly as plain autocast would.
+    import bnlab.train.engine as engine
+
+    data = prepare_data(fake_dataset(), CFG, TINY_MLP)
+    cfg = CFG.with_(bf16=True, epochs=1)
+    donor = StackedTrainer(TINY_MLP, cfg, [5, 6], data)
+    for _ in range(4):
+        donor.train_step()
+    state = {k: v.clone() for k, v in donor.model.state_dict().items()}
+    fast = StackedTrainer(TINY_MLP, cfg, [0, 1], data)
+    fast.train_step()
+    with monkeypatch.context() as m:
+        m.setattr(engine, "master_weight_kernels_available", lambda: False)
+        reference = StackedTrainer(TINY_MLP, cfg, [0, 1], data)
+    reference.train_step()
+    for trainer in (fast, reference):
+        trainer.model.load_state_dict(state)
+        trainer.train_step()
+    for a, b in zip(fast.model.state_dict().values(), reference.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_master_weight_reset_optimizer_and_plain_training_forwards():
+    from bnlab.nn import freeze_batchnorm
+    from bnlab.train.mixed_precision import MasterWeightOptimizer
+
+    data = prepare_data(fake_dataset(), CFG, TINY_MLP)
+    trainer = StackedTrainer(TINY_MLP, CFG.with_(bf16=True, epochs=1), [0, 1], data)
+    trainer.train_step()
+    trainer.model.train()
+    trainer.model(data.train_x[:8])  # a training-mode forward outside autocast uses the float32 weights
+    freeze_batchnorm(trainer.model)
+    trainer.reset_optimizer()
+    assert isinstance(trainer.optimizer, MasterWeightOptimizer)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train_step()
+    moved = [not torch.equal(a, p) for a, p in zip(before, trainer.model.parameters())]
+    assert all(moved)  # the stacked weights (through their shadows) and the biases all train
+
+
+def test_master_weights_refuse_optimizers_they_do_not_implement():
+    from bnlab.train.mixed_precision import MasterWeightOptimizer
+
+    layer = nn.Linear(3, 3)
+    with pytest.raises(TypeError, match="AdamW"):
+        MasterWeightOptimizer(torch.optim.AdamW(layer.parameters()), [])
+    with pytest.raises(ValueError, match="nesterov"):
+        MasterWeightOptimizer(torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9, nesterov=True), [])

@@ -1,10 +1,12 @@
 """bnlab's compiled CPU kernels (``csrc/``), built on first use for the machine they run on.
 
 The C++ sources are compiled with torch's extension builder (ninja, the system
-C++ compiler, ``-O3 -march=native``) into a cache directory the first time a
-kernel is needed (about 10 s), then loaded from the cache. The build is keyed by
-the sources, the flags and this CPU's instruction-set flags, so a cache shared
-between machines never hands one CPU another's binary.
+C++ compiler, ``-O3 -march=native -fopenmp``) into a cache directory the first
+time a kernel is needed (about 10 s), then loaded from the cache. The build
+directory is keyed by a hash of the sources, the flags and torch's exact version,
+and by this CPU's instruction-set flags (``/proc/cpuinfo``), so a cache shared
+between machines never hands one CPU another's binary. (Apple clang and MSVC
+reject the flags: there the torch path is used, after one warning per process.)
 
 Every caller has a pure-torch path to fall back on: when the build is
 impossible (no compiler, no ninja) or disabled, :func:`load_kernels` returns
@@ -23,12 +25,13 @@ import os
 import platform
 import shutil
 import threading
+import time
 import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["load_kernels", "kernels_available", "build_extension"]
+__all__ = ["load_kernels", "build_extension"]
 
 _SOURCES = [Path(__file__).parent / "csrc" / "ghost_batch_norm.cpp"]
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -67,14 +70,39 @@ def _ensure_ninja_on_path() -> None:
     os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def _build_key(sources: list[Path], cflags: list[str]) -> str:
+    """What a binary depends on: the sources, the flags, torch's exact build and this CPU."""
+    h = hashlib.sha256()
+    for source in sources:
+        h.update(source.read_bytes())
+    h.update(" ".join(cflags).encode())
+    h.update(torch.__version__.encode())
+    return f"{h.hexdigest()[:10]}_{_cpu_signature()}"
+
+
+def _clear_stale_lock(build_dir: Path, older_than_s: float = 600.0) -> None:
+    # torch's builder holds build_dir/lock while it compiles (~10 s) and waits, without a timeout,
+    # while another process holds it. A process killed mid-build leaves the lock behind for good.
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > older_than_s:
+        warnings.warn(f"removing a stale build lock from a killed build: {lock}", RuntimeWarning, stacklevel=4)
+        lock.unlink(missing_ok=True)
+
+
 def _build(name: str, sources: list[Path], cflags: tuple[str, ...] = ()) -> None:
     from torch.utils import cpp_extension
 
     _ensure_ninja_on_path()
-    full_name = f"{name}_{_cpu_signature()}"
-    build_dir = _cache_dir() / f"torch{torch.__version__.split('+')[0]}" / full_name
+    flags = _CFLAGS + list(cflags)
+    full_name = f"{name}_{_build_key(sources, flags)}"
+    build_dir = _cache_dir() / full_name
     build_dir.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(name=full_name, sources=[str(s) for s in sources], extra_cflags=_CFLAGS + list(cflags),
+    _clear_stale_lock(build_dir)
+    cpp_extension.load(name=full_name, sources=[str(s) for s in sources], extra_cflags=flags,
                        extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False,
                        verbose=False)
 
@@ -95,12 +123,15 @@ def build_extension(name: str, sources: list[Path], ops: tuple[str, ...], cflags
     with _lock:
         if name in _state:
             return _state[name]
-        if os.environ.get("BNLAB_COMPILED_KERNELS", "1") == "0":
+        if os.environ.get("BNLAB_COMPILED_KERNELS", "1") == "0":  # the user's choice: no warning
             _state[name] = False
             return False
         try:
             _build(name, sources, cflags)
-            _state[name] = all(hasattr(getattr(torch.ops, op.split("::")[0]), op.split("::")[1]) for op in ops)
+            missing = [op for op in ops if not hasattr(getattr(torch.ops, op.split("::")[0]), op.split("::")[1])]
+            if missing:
+                raise RuntimeError(f"the build succeeded but does not register {', '.join(missing)}")
+            _state[name] = True
         except Exception as exc:  # any build failure means: use the torch path
             warnings.warn(
                 f"bnlab could not build its compiled CPU kernels ({type(exc).__name__}: {_first_error(exc)}); "
@@ -116,7 +147,3 @@ def load_kernels() -> bool:
     return build_extension("bnlab_kernels", _SOURCES,
                            ("bnlab::ghost_forward", "bnlab::ghost_backward", "bnlab::renorm_forward"))
 
-
-def kernels_available() -> bool:
-    """Whether the compiled normalization kernels are in use (builds them on the first call)."""
-    return load_kernels()

@@ -273,9 +273,7 @@ def batch_renorm(
     if input.numel() == 0:
         return batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
     _check_enough_values(input)
-    compiled = (input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64)
-                and all(t is None or t.dtype == input.dtype for t in (weight, bias, running_mean, running_var))
-                and load_kernels())
+    compiled = _compiled_kernel_takes(input, weight, bias, running_mean, running_var)
     with _keep_if_finite(running_mean, running_var, skip_nonfinite_update) as (target_mean, target_var):
         return _BatchRenorm.apply(input, weight, bias, target_mean, target_var, momentum, eps,
                                   r_max, d_max, running_var_correction, compiled)
@@ -335,6 +333,10 @@ class _BatchRenorm(torch.autograd.Function):
         need_w = ctx.has_weight and ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.compiled:  # x is the kernel's buffer here
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    "batch_renorm's compiled backward is not differentiable (create_graph=True); "
+                    "set BNLAB_COMPILED_KERNELS=0 for double backward through the torch-ops path")
             grad_x, sum_dy, grad_xhat_sum = _compiled_backward(
                 grad_out, x, ctx.layout, ctx.perm, folded_weight, batch_mean.view(1, -1), batch_invstd.view(1, -1),
                 ctx.needs_input_grad[0])
@@ -399,7 +401,7 @@ def ghost_batch_norm(
         and all(t is None or t.dtype == input.dtype for t in (weight, bias, running_mean, running_var))
         and not skip_nonfinite_update
     )
-    if fast and input.device.type == "cpu" and load_kernels():
+    if fast and _compiled_kernel_takes(input, weight, bias, running_mean, running_var):
         return _CompiledGhostBatchNorm.apply(input, weight, bias, running_mean, running_var, momentum, eps,
                                              virtual_batch_size, update, running_var_correction)
     if fast:
@@ -420,6 +422,17 @@ def ghost_batch_norm(
             running_mean.copy_(torch.stack([m for m, _ in copies]).mean(0))
             running_var.copy_(torch.stack([v for _, v in copies]).mean(0))
     return torch.cat(outputs)
+
+
+def _compiled_kernel_takes(x: Tensor, *params: Tensor | None) -> bool:
+    """Whether the compiled kernel (``csrc/ghost_batch_norm.cpp``) serves this call: a float32/float64
+    CPU input, parameters and buffers of its dtype and contiguous (the buffers are updated in place),
+    and not while torch.compile traces (the ops have no fake-tensor implementation; the ATen path
+    traces). Otherwise the caller takes its ATen path, with the same results."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and all(p is None or (p.dtype == x.dtype and p.is_contiguous()) for p in params)
+            and not torch.compiler.is_compiling()
+            and load_kernels())
 
 
 def _ghost_buffer(x: Tensor, ghosts: int) -> tuple[Tensor, tuple[int, int, int, int], tuple[int, ...] | None]:
@@ -475,6 +488,7 @@ class _CompiledGhostBatchNorm(torch.autograd.Function):
         return y.permute(_inverse(perm)) if perm else y.view(x.shape)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         buf, weight, means, invstds = ctx.saved_tensors
         dx, sum_dy, sum_dy_xhat = _compiled_backward(grad_out, buf, ctx.layout, ctx.perm, weight, means, invstds,

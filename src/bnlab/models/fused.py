@@ -54,6 +54,7 @@ class StackedLinear(nn.Module):
         has_bias = layers[0].bias is not None
         self.bias = nn.Parameter(torch.stack([l.bias.detach() for l in layers]).clone()) if has_bias else None
         self.compute_weight: Tensor | None = None  # see _training_weight
+        self.compute_weight_version = -1
 
     def forward(self, x: Tensor) -> Tensor:
         weight = _training_weight(self)
@@ -93,6 +94,7 @@ class StackedConv2d(nn.Module):
         has_bias = proto.bias is not None
         self.bias = nn.Parameter(torch.stack([l.bias.detach() for l in layers]).clone()) if has_bias else None
         self.compute_weight: Tensor | None = None  # see _training_weight
+        self.compute_weight_version = -1
 
     def forward(self, x: Tensor) -> Tensor:
         k, out = self.weight.shape[:2]
@@ -110,12 +112,19 @@ class StackedConv2d(nn.Module):
 
 
 def _training_weight(layer: nn.Module) -> Tensor:
-    """The weight a stacked layer computes with: its parameter, or in training mode the low-precision
-    copy that a master-weight optimizer (``bnlab.train.mixed_precision``) keeps in step with it, so the
-    matmuls skip autocast's per-step cast. Evaluation always reads the parameter itself."""
-    if layer.compute_weight is not None and layer.training:
-        return layer.compute_weight
-    return layer.weight
+    """The weight a stacked layer computes with: its parameter, or, when training under autocast, the
+    bf16 copy that a master-weight optimizer (``bnlab.train.mixed_precision``) keeps in step with it,
+    so that the matmuls skip autocast's per-step cast. Evaluation, and any forward outside autocast,
+    read the parameter itself. A parameter changed behind the optimizer's back (``load_state_dict``,
+    an in-place edit) has a new version counter: the copy is re-rounded from it before use."""
+    shadow = layer.compute_weight
+    if shadow is None or not layer.training or not torch.is_autocast_enabled("cpu"):
+        return layer.weight
+    if layer.weight._version != layer.compute_weight_version:
+        with torch.no_grad():
+            shadow.copy_(layer.weight)
+        layer.compute_weight_version = layer.weight._version
+    return shadow
 
 
 class StackedNorm(nn.Module):

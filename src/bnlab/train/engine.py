@@ -94,23 +94,35 @@ class StackedTrainer:
         self.spec, self.cfg, self.seeds, self.data = spec, cfg, list(seeds), data
         self.k = len(seeds)
         self.model = StackedModel([build_model(spec, seed=s) for s in seeds])
-        self.optimizer = _make_optimizer(cfg, self.model.parameters())
-        if cfg.bf16 and self.k > 1 and cfg.accumulate == 1 and not probes and master_weight_kernels_available():
-            # Same numbers as autocast, without its per-step weight casts (see mixed_precision).
-            # Probes may perturb the float32 weights, which a shadow would not see, and accumulated
-            # micro-batch gradients would add up in bf16 on a shadow: both keep plain autocast.
-            stacked = [m for m in self.model.modules() if isinstance(m, (StackedLinear, StackedConv2d))]
-            self.optimizer = MasterWeightOptimizer(self.optimizer, stacked)
+        self.probes = probes
+        self.optimizer = self._build_optimizer()
         self.n_train = len(data.train_x)
         self.total_steps = cfg.total_steps(self.n_train)
         self.steps_per_epoch = cfg.steps_per_epoch(self.n_train)
         self.step = 0
-        self.probes = probes
         self._interval_loss = torch.zeros(self.k, dtype=torch.float64)
         self._interval_steps = 0
         self._epoch_cache: tuple[int, Tensor] | None = None
         # dropout draws from the global generator; fix it so a run is a function of its config
         torch.manual_seed(cfg.data_seed * 7919 + sum(self.seeds))
+
+    def _build_optimizer(self):
+        optimizer = _make_optimizer(self.cfg, self.model.parameters())
+        if (self.cfg.bf16 and self.k > 1 and self.cfg.accumulate == 1 and not self.probes
+                and master_weight_kernels_available()):
+            # Same numbers as autocast, without its per-step weight casts (see mixed_precision).
+            # Probes may perturb the float32 weights, which a shadow would not see, and accumulated
+            # micro-batch gradients would add up in bf16 on a shadow: both keep plain autocast.
+            stacked = [m for m in self.model.modules() if isinstance(m, (StackedLinear, StackedConv2d))]
+            optimizer = MasterWeightOptimizer(optimizer, stacked)
+        return optimizer
+
+    def reset_optimizer(self) -> None:
+        """A fresh optimizer over the model's current parameters, e.g. after ``freeze_batchnorm``
+        replaced some layers (their affine is then no longer trained). Optimizer state restarts."""
+        if isinstance(self.optimizer, MasterWeightOptimizer):
+            self.optimizer.detach_shadows()
+        self.optimizer = self._build_optimizer()
 
     def write_back(self) -> list[nn.Sequential]:
         """The K trained models as plain ``nn.Sequential`` modules, in seed order."""

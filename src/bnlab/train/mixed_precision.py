@@ -12,7 +12,9 @@ the new shadow.
 
 The numbers are those of autocast: the shadow is the float32 weight rounded to
 bfloat16 (round to nearest even, as autocast casts), the bf16 gradient is
-widened exactly, and the update is torch's formula in float32. The float32
+widened exactly, and the update is torch's formula in float32 (for SGD bit for
+bit with ``SGD(fused=True)`` on the machines tested; for Adam to float32
+round-off, torch's tail loop rounds differently). The float32
 weights stay the model's parameters, so checkpoints, ``write_back`` and
 evaluation are unchanged, and the optimizer's state dict is torch's own.
 """
@@ -33,8 +35,8 @@ _SOURCES = [Path(__file__).parent / "csrc" / "master_weights.cpp"]
 
 def master_weight_kernels_available() -> bool:
     """Build (once per machine) and load the master-weight optimizer kernels."""
-    # no fused multiply-add: torch's fused optimizers round the product and the sum separately,
-    # and so must this kernel for its updates to be bit-identical to theirs
+    # no implicit fused multiply-adds: the kernel places its fma calls where torch's fused SGD
+    # (as compiled in the wheel) has them, which makes the SGD update bit-identical to torch's here
     return build_extension("bnlab_train_kernels", _SOURCES,
                            ("bnlab_train::sgd_master_step", "bnlab_train::adam_master_step"),
                            cflags=("-ffp-contract=off",))
@@ -53,20 +55,23 @@ class MasterWeightOptimizer:
     """
 
     def __init__(self, inner: torch.optim.Optimizer, layers: list[nn.Module]):
-        if not isinstance(inner, (torch.optim.SGD, torch.optim.Adam)):
-            raise TypeError(f"master weights support SGD and Adam, not {type(inner).__name__}")
+        # exact types: AdamW is an Adam subclass with another weight decay
+        if type(inner) not in (torch.optim.SGD, torch.optim.Adam):
+            raise TypeError(f"master weights support torch.optim.SGD and Adam, not {type(inner).__name__}")
         if len(inner.param_groups) != 1:
             raise ValueError("master weights expect a single parameter group")
         group = inner.param_groups[0]
-        if isinstance(inner, torch.optim.SGD) and (group["dampening"] or group["nesterov"] or group["maximize"]):
-            raise ValueError("master-weight SGD supports neither dampening, Nesterov nor maximize")
-        if isinstance(inner, torch.optim.Adam) and (group["amsgrad"] or group["maximize"]):
-            raise ValueError("master-weight Adam supports neither amsgrad nor maximize")
+        unsupported = [key for key in ("dampening", "nesterov", "maximize", "amsgrad", "decoupled_weight_decay",
+                                       "capturable", "differentiable") if group.get(key)]
+        if unsupported:
+            raise ValueError(f"master-weight {type(inner).__name__} does not support {', '.join(unsupported)}")
         self.inner = inner
+        self.layers = list(layers)
         self.pairs: list[tuple[nn.Parameter, torch.Tensor]] = []
-        for layer in layers:
+        for layer in self.layers:
             shadow = layer.weight.detach().to(torch.bfloat16).requires_grad_(True)
             layer.compute_weight = shadow
+            layer.compute_weight_version = layer.weight._version
             self.pairs.append((layer.weight, shadow))
 
     @property
@@ -87,7 +92,7 @@ class MasterWeightOptimizer:
         self.inner.step()  # everything but the shadowed weights
         group = self.inner.param_groups[0]
         sgd = isinstance(self.inner, torch.optim.SGD)
-        for master, shadow in self.pairs:
+        for layer, (master, shadow) in zip(self.layers, self.pairs):
             if shadow.grad is None:
                 continue
             state = self.inner.state[master]
@@ -95,6 +100,12 @@ class MasterWeightOptimizer:
                 self._sgd_step(master, shadow, state, group)
             else:
                 self._adam_step(master, shadow, state, group)
+            layer.compute_weight_version = master._version  # the kernel wrote both: they agree
+
+    def detach_shadows(self) -> None:
+        """Stop the layers from computing with the shadows (before this optimizer is replaced)."""
+        for layer in self.layers:
+            layer.compute_weight = None
 
     @staticmethod
     def _sgd_step(master, shadow, state, group) -> None:
@@ -128,5 +139,6 @@ class MasterWeightOptimizer:
     @torch.no_grad()
     def refresh_shadows(self) -> None:
         """Re-round every shadow from its float32 weight (after the weights were loaded or changed)."""
-        for master, shadow in self.pairs:
+        for layer, (master, shadow) in zip(self.layers, self.pairs):
             shadow.copy_(master)
+            layer.compute_weight_version = master._version

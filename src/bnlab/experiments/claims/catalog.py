@@ -594,7 +594,6 @@ def _reestimate_statistics(model: torch.nn.Module, x: torch.Tensor, batches: int
 
 def _finetune_accuracy(ctx, spec, cfg, pretrained_group: str, treatment: str) -> list[float]:
     from bnlab.nn import freeze_batchnorm
-    from bnlab.train.engine import _make_optimizer
 
     data = prepare_data(ctx.dataset("fashion"), cfg, spec)
     trainer = StackedTrainer(spec, cfg, list(range(ctx.seeds)), data)
@@ -604,7 +603,7 @@ def _finetune_accuracy(ctx, spec, cfg, pretrained_group: str, treatment: str) ->
         _reestimate_statistics(trainer.model, data.train_x, REESTIMATE_BATCHES, cfg.batch_size)
     if treatment != "updating":
         freeze_batchnorm(trainer.model)
-        trainer.optimizer = _make_optimizer(cfg, trainer.model.parameters())  # the frozen affine is not trained
+        trainer.reset_optimizer()  # the frozen affine is not trained
     trainer.run()
     _, acc = trainer.evaluate(data.test_x, data.test_y)
     return acc.tolist()

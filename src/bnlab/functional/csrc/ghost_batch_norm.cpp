@@ -7,8 +7,10 @@
 // contiguous buffer, chosen by the caller:
 //   planes: [G][v][C][S]  (NCL, NCHW, NCDHW contiguous; S = spatial size)
 //   rows:   [G][R][C]     ((N, C) inputs and channels_last; R = v * spatial size)
-// Statistics are two-pass (mean, then centered squares) with double accumulators across rows or
-// planes, so the result does not depend on the data's offset.
+// Statistics: planes are two-pass (mean, then centered squares); rows are one pass over sums of
+// x − K and (x − K)² with K the ghost's first row, which is a sample of the same data, so the
+// shifted moments stay well conditioned whatever the offset. Both sum short runs in float and the
+// runs in double.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,6 +22,7 @@
 namespace {
 
 constexpr int64_t kRowRun = 32;        // rows layout: rows summed in float before a double add
+constexpr int64_t kPlaneRun = 512;     // planes layout: values summed in float before a double add
 
 template <typename T>
 const T* opt_ptr(const c10::optional<at::Tensor>& t) {
@@ -92,10 +95,13 @@ void forward_planes(const T* x, T* y, const Fold& fold, T* mean, T* var, T* invs
       const int64_t g = t / C, c = t % C;
       const T* base = x + (g * v * C + c) * S;
       double acc = 0;
-      for (int64_t i = 0; i < v; ++i) acc += run_sum(base + i * C * S, S);
+      for (int64_t i = 0; i < v; ++i)
+        for (int64_t s0 = 0; s0 < S; s0 += kPlaneRun) acc += run_sum(base + i * C * S + s0, std::min(kPlaneRun, S - s0));
       const T m = static_cast<T>(acc / n);
       acc = 0;
-      for (int64_t i = 0; i < v; ++i) acc += run_centered_squares(base + i * C * S, S, m);
+      for (int64_t i = 0; i < v; ++i)
+        for (int64_t s0 = 0; s0 < S; s0 += kPlaneRun)
+          acc += run_centered_squares(base + i * C * S + s0, std::min(kPlaneRun, S - s0), m);
       const double var_b = acc / n;
       const T inv = static_cast<T>(1.0 / std::sqrt(var_b + eps));
       mean[t] = m;
@@ -192,7 +198,8 @@ void forward_rows(const T* x, T* y, const Fold& fold, T* mean, T* var, T* invstd
         sq += s2[(g * chunks.per_ghost + j) * C + c];
       }
       const double shifted_mean = sum / n;
-      const double var_b = std::max(0.0, sq / n - shifted_mean * shifted_mean);
+      double var_b = sq / n - shifted_mean * shifted_mean;
+      if (var_b < 0) var_b = 0;  // round-off only; unlike std::max this keeps a NaN a NaN
       const T m = static_cast<T>(x[g * R * C + c] + shifted_mean);
       const T inv = static_cast<T>(1.0 / std::sqrt(var_b + eps));
       const int64_t q = g * C + c;
@@ -219,11 +226,14 @@ void backward_planes(const T* dy, const T* x, const T* w, const T* mean, const T
       for (int64_t i = 0; i < v; ++i) {
         const T* xi = x + offset + i * C * S;
         const T* gi = dy + offset + i * C * S;
-        T s_dy = 0, s_dot = 0;
+        for (int64_t s0 = 0; s0 < S; s0 += kPlaneRun) {
+          const int64_t s1 = std::min(S, s0 + kPlaneRun);
+          T s_dy = 0, s_dot = 0;
 #pragma omp simd reduction(+ : s_dy, s_dot)
-        for (int64_t s = 0; s < S; ++s) { s_dy += gi[s]; s_dot += gi[s] * (xi[s] - m); }
-        acc_dy += s_dy;
-        acc_dot += s_dot;
+          for (int64_t s = s0; s < s1; ++s) { s_dy += gi[s]; s_dot += gi[s] * (xi[s] - m); }
+          acc_dy += s_dy;
+          acc_dot += s_dot;
+        }
       }
       sum_dy[t] = static_cast<T>(acc_dy);
       sum_dy_xhat[t] = static_cast<T>(acc_dot * inv);

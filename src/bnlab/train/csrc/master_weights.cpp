@@ -4,8 +4,8 @@
 // bfloat16 weight gradient back to float32, and then runs the optimizer: three passes over the
 // largest tensors of the model. Here the model computes with a bfloat16 copy of each weight (its
 // "shadow"), and one pass reads the shadow's bf16 gradient, updates the float32 master weight and
-// optimizer state exactly as torch's fused SGD / Adam would, and writes the new shadow. The
-// arithmetic per element is the same as autocast + torch's fused optimizer; only the passes go.
+// optimizer state with torch's fused SGD / Adam formulas, and writes the new shadow: SGD bit for bit
+// with torch's kernel where tested, Adam to float32 round-off. Only the passes go.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
