@@ -668,3 +668,22 @@ def test_compiled_backwards_refuse_double_backward_clearly():
     z = BF.batch_renorm(x, torch.zeros(4), torch.ones(4), None, None, True)
     with pytest.raises(RuntimeError, match="BNLAB_COMPILED_KERNELS=0"):
         torch.autograd.grad(z.pow(2).sum(), x, create_graph=True)
+
+
+def test_compiled_ghost_results_do_not_depend_on_the_thread_count():
+    x = torch.randn(4096, 8, requires_grad=True)
+    up = torch.randn(4096, 8)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            rm, rv = torch.zeros(8), torch.ones(8)
+            y = BF.ghost_batch_norm(x, rm, rv, None, None, True, 0.1, 1e-5, virtual_batch_size=2048)
+            z = BF.batch_renorm(x, rm, rv, None, None, True, 0.1, 1e-5)
+            (dx,) = torch.autograd.grad((y * up).sum() + (z * up).sum(), x)
+            results.append((y, z, dx, rm, rv))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -429,7 +429,7 @@ def _compiled_kernel_takes(x: Tensor, *params: Tensor | None) -> bool:
     CPU input, parameters and buffers of its dtype and contiguous (the buffers are updated in place),
     and not while torch.compile traces (the ops have no fake-tensor implementation; the ATen path
     traces). Otherwise the caller takes its ATen path, with the same results."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.numel() > 0
             and all(p is None or (p.dtype == x.dtype and p.is_contiguous()) for p in params)
             and not torch.compiler.is_compiling()
             and load_kernels())

@@ -128,9 +128,10 @@ struct RowChunks {
   int64_t rows;       // rows per chunk (the last may be shorter)
 };
 
-inline RowChunks split_rows(int64_t G, int64_t R) {
-  const int64_t want = std::max<int64_t>(1, (2 * at::get_num_threads() + G - 1) / G);
-  const int64_t per_ghost = std::max<int64_t>(1, std::min(want, R / 8));
+// The split depends on the sizes only, never on the thread count, so that results are the same
+// bit for bit however many threads run them.
+inline RowChunks split_rows(int64_t /*G*/, int64_t R) {
+  const int64_t per_ghost = std::max<int64_t>(1, std::min<int64_t>(16, R / 128));
   return {per_ghost, (R + per_ghost - 1) / per_ghost};
 }
 
