@@ -301,10 +301,11 @@ void backward_rows(const T* dy, const T* x, const T* w, const T* mean, const T* 
   });
 }
 
-void check_params(const at::Tensor& x, const c10::optional<at::Tensor>& p, int64_t C, const char* name) {
+void check_params(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& p, int64_t C,
+                  const char* name) {
   if (!p.has_value() || !p->defined()) return;
   TORCH_CHECK(p->scalar_type() == x.scalar_type() && p->is_contiguous() && p->numel() == C,
-              "ghost_batch_norm: ", name, " must be a contiguous (C,) tensor of the input's dtype");
+              op, ": ", name, " must be a contiguous (C,) tensor of the input's dtype");
 }
 
 // x: contiguous buffer holding G ghosts; spatial = 0 selects the rows layout (R = rows per ghost).
@@ -349,14 +350,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_forward(
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
     int64_t ghosts, int64_t per_ghost, int64_t channels, int64_t spatial, double eps, double momentum,
     bool averaged, double unbias) {
-  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "ghost_batch_norm: expects a contiguous CPU buffer");
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "ghost_forward: expects a contiguous CPU buffer");
   TORCH_CHECK(ghosts * per_ghost * channels * std::max<int64_t>(spatial, 1) == x.numel(),
-              "ghost_batch_norm: layout does not match the buffer size");
-  check_params(x, weight, channels, "weight");
-  check_params(x, bias, channels, "bias");
-  check_params(x, running_mean, channels, "running_mean");
-  check_params(x, running_var, channels, "running_var");
-  TORCH_CHECK(running_mean.has_value() == running_var.has_value(), "ghost_batch_norm: give both running buffers or none");
+              "ghost_forward: layout does not match the buffer size");
+  check_params("ghost_forward", x, weight, channels, "weight");
+  check_params("ghost_forward", x, bias, channels, "bias");
+  check_params("ghost_forward", x, running_mean, channels, "running_mean");
+  check_params("ghost_forward", x, running_var, channels, "running_var");
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(), "ghost_forward: give both running buffers or none");
   auto y = at::empty_like(x);
   auto mean = at::empty({ghosts, channels}, x.options());
   auto var = at::empty({ghosts, channels}, x.options());
@@ -379,13 +380,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     at::Tensor running_mean, at::Tensor running_var, int64_t per_ghost, int64_t channels, int64_t spatial,
     double eps, double momentum, double unbias, double r_max, double d_max) {
-  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "batch_renorm: expects a contiguous CPU buffer");
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "renorm_forward: expects a contiguous CPU buffer");
   TORCH_CHECK(per_ghost * channels * std::max<int64_t>(spatial, 1) == x.numel(),
-              "batch_renorm: layout does not match the buffer size");
-  check_params(x, weight, channels, "weight");
-  check_params(x, bias, channels, "bias");
-  check_params(x, running_mean, channels, "running_mean");
-  check_params(x, running_var, channels, "running_var");
+              "renorm_forward: layout does not match the buffer size");
+  check_params("renorm_forward", x, weight, channels, "weight");
+  check_params("renorm_forward", x, bias, channels, "bias");
+  check_params("renorm_forward", x, running_mean, channels, "running_mean");
+  check_params("renorm_forward", x, running_var, channels, "running_var");
   auto y = at::empty_like(x);
   auto mean = at::empty({1, channels}, x.options());
   auto var = at::empty({1, channels}, x.options());
@@ -410,8 +411,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_backward(
     int64_t spatial, bool need_input_grad) {
   TORCH_CHECK(grad_out.is_contiguous() && x.is_contiguous() && grad_out.sizes() == x.sizes() &&
                   grad_out.scalar_type() == x.scalar_type(),
-              "ghost_batch_norm backward: grad_out must match the saved input's layout and dtype");
-  check_params(x, weight, channels, "weight");
+              "ghost_backward: grad_out must match the saved input's layout and dtype");
+  check_params("ghost_backward", x, weight, channels, "weight");
   auto dx = need_input_grad ? at::empty_like(x) : at::Tensor();
   auto sum_dy = at::empty({ghosts, channels}, x.options());
   auto sum_dy_xhat = at::empty({ghosts, channels}, x.options());
