@@ -616,7 +616,7 @@ def test_ghost_large_planes_are_as_accurate_as_aten():
             / (ghosts.var(dims, unbiased=False, keepdim=True) + 1e-5).sqrt()).view_as(x64)
     aten = torch.cat([nn.functional.batch_norm(chunk, None, None, training=True) for chunk in x.chunk(2)])
     aten_error = (aten.double() - want).abs().max().item()
-    assert (y.double() - want).abs().max().item() <= 2 * aten_error + 1e-6
+    assert (y.double() - want).abs().max().item() <= 1.25 * aten_error + 1e-7
 
 
 @pytest.mark.parametrize("layout", ["rows", "planes"])
@@ -653,7 +653,7 @@ def test_non_contiguous_parameters_take_the_torch_path():
 def test_ghost_and_renorm_trace_under_torch_compile(make):
     # the compiled ops have no fake-tensor implementation, so tracing takes the ATen path
     eager, traced = make(), make()
-    compiled = torch.compile(traced, backend="eager")
+    compiled = torch.compile(traced, backend="eager", fullgraph=True)  # a graph break would hide a fallback
     x = torch.randn(16, 4) * 2 + 1
     torch.testing.assert_close(compiled(x), eager(x), **F32)
     torch.testing.assert_close(traced.running_var, eager.running_var, **F32)
@@ -671,15 +671,17 @@ def test_compiled_backwards_refuse_double_backward_clearly():
 
 
 def test_compiled_ghost_results_do_not_depend_on_the_thread_count():
-    x = torch.randn(4096, 8, requires_grad=True)
-    up = torch.randn(4096, 8)
+    # 1500 rows per ghost: chunk edges that are no multiple of the float runs, so a thread-dependent
+    # split would change the rounding (it did, before the split depended on sizes only)
+    x = torch.randn(3000, 8, requires_grad=True)
+    up = torch.randn(3000, 8)
     results = []
     threads = torch.get_num_threads()
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
             rm, rv = torch.zeros(8), torch.ones(8)
-            y = BF.ghost_batch_norm(x, rm, rv, None, None, True, 0.1, 1e-5, virtual_batch_size=2048)
+            y = BF.ghost_batch_norm(x, rm, rv, None, None, True, 0.1, 1e-5, virtual_batch_size=1500)
             z = BF.batch_renorm(x, rm, rv, None, None, True, 0.1, 1e-5)
             (dx,) = torch.autograd.grad((y * up).sum() + (z * up).sum(), x)
             results.append((y, z, dx, rm, rv))
@@ -687,3 +689,15 @@ def test_compiled_ghost_results_do_not_depend_on_the_thread_count():
         torch.set_num_threads(threads)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_under_bnlabs_own_lock(tmp_path):
+    # torch's builder would wait forever on the leftover lock file; bnlab's flock proves it stale
+    from bnlab.functional.compiled import _exclusive
+
+    (tmp_path / "lock").write_text("")
+    with pytest.warns(RuntimeWarning, match="killed build"):
+        with _exclusive(tmp_path):
+            assert not (tmp_path / "lock").exists()
+    with _exclusive(tmp_path):  # nothing left over: silent
+        pass

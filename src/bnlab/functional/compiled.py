@@ -20,12 +20,12 @@ Environment:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
 import shutil
 import threading
-import time
 import warnings
 from pathlib import Path
 
@@ -80,17 +80,24 @@ def _build_key(sources: list[Path], cflags: list[str]) -> str:
     return f"{h.hexdigest()[:10]}_{_cpu_signature()}"
 
 
-def _clear_stale_lock(build_dir: Path, older_than_s: float = 600.0) -> None:
-    # torch's builder holds build_dir/lock while it compiles (~10 s) and waits, without a timeout,
-    # while another process holds it. A process killed mid-build leaves the lock behind for good.
-    lock = build_dir / "lock"
+@contextlib.contextmanager
+def _exclusive(build_dir: Path):
+    """Hold bnlab's own lock on the build directory. torch's builder uses a lock *file* and waits for
+    it without a timeout, so one left by a build that was killed would block every later process;
+    under this kernel-held lock (released when its holder dies) no other builder is running, and a
+    torch lock file still present is such a leftover."""
     try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock file only
+        yield
         return
-    if age > older_than_s:
-        warnings.warn(f"removing a stale build lock from a killed build: {lock}", RuntimeWarning, stacklevel=4)
-        lock.unlink(missing_ok=True)
+    with open(build_dir / "bnlab.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        leftover = build_dir / "lock"
+        if leftover.exists():
+            warnings.warn(f"removing a build lock left by a killed build: {leftover}", RuntimeWarning, stacklevel=5)
+            leftover.unlink(missing_ok=True)
+        yield
 
 
 def _build(name: str, sources: list[Path], cflags: tuple[str, ...] = ()) -> None:
@@ -101,10 +108,10 @@ def _build(name: str, sources: list[Path], cflags: tuple[str, ...] = ()) -> None
     full_name = f"{name}_{_build_key(sources, flags)}"
     build_dir = _cache_dir() / full_name
     build_dir.mkdir(parents=True, exist_ok=True)
-    _clear_stale_lock(build_dir)
-    cpp_extension.load(name=full_name, sources=[str(s) for s in sources], extra_cflags=flags,
-                       extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False,
-                       verbose=False)
+    with _exclusive(build_dir):
+        cpp_extension.load(name=full_name, sources=[str(s) for s in sources], extra_cflags=flags,
+                           extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False,
+                           verbose=False)
 
 
 def _first_error(exc: Exception) -> str:

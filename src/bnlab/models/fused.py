@@ -118,7 +118,8 @@ def _training_weight(layer: nn.Module) -> Tensor:
     read the parameter itself. A parameter changed behind the optimizer's back (``load_state_dict``,
     an in-place edit) has a new version counter: the copy is re-rounded from it before use."""
     shadow = layer.compute_weight
-    if shadow is None or not layer.training or not torch.is_autocast_enabled("cpu"):
+    if (shadow is None or not layer.training or not torch.is_autocast_enabled("cpu")
+            or torch.get_autocast_dtype("cpu") != shadow.dtype):
         return layer.weight
     if layer.weight._version != layer.compute_weight_version:
         with torch.no_grad():

@@ -100,7 +100,11 @@ class MasterWeightOptimizer:
                 self._sgd_step(master, shadow, state, group)
             else:
                 self._adam_step(master, shadow, state, group)
-            layer.compute_weight_version = master._version  # the kernel wrote both: they agree
+            # The kernel wrote both in place behind autograd's back: bump their versions so that a
+            # graph saved before this step cannot silently read the new values, then record the
+            # master's version, under which the shadow is its rounding.
+            torch.autograd.graph.increment_version([master, shadow])
+            layer.compute_weight_version = master._version
 
     def detach_shadows(self) -> None:
         """Stop the layers from computing with the shadows (before this optimizer is replaced)."""

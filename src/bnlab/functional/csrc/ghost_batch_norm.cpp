@@ -23,6 +23,7 @@ namespace {
 
 constexpr int64_t kRowRun = 32;        // rows layout: rows summed in float before a double add
 constexpr int64_t kPlaneRun = 512;     // planes layout: values summed in float before a double add
+constexpr int64_t kRowChannelBlock = 256;  // rows layout: channels per statistics task
 
 template <typename T>
 const T* opt_ptr(const c10::optional<at::Tensor>& t) {
@@ -120,9 +121,10 @@ void forward_planes(const T* x, T* y, const Fold& fold, T* mean, T* var, T* invs
   });
 }
 
-// Rows layout: every pass streams whole rows (all C channels) so memory is read in order. A
-// ghost's rows are split into chunks; each chunk sums into its own C-wide partials, in float over
-// runs of kRowRun rows and in double across runs; the partials are then combined per ghost.
+// Rows layout: a ghost's rows are split into chunks of rows, and the channels into blocks of
+// kRowChannelBlock; each (chunk, block) task sums into its own partials, in float over runs of
+// kRowRun rows and in double across runs; the partials are then combined per ghost. Small batches
+// (one chunk) still spread over threads by channel block.
 struct RowChunks {
   int64_t per_ghost;  // chunks per ghost
   int64_t rows;       // rows per chunk (the last may be shorter)
@@ -130,30 +132,34 @@ struct RowChunks {
 
 // The split depends on the sizes only, never on the thread count, so that results are the same
 // bit for bit however many threads run them.
-inline RowChunks split_rows(int64_t /*G*/, int64_t R) {
+inline RowChunks split_rows(int64_t R) {
   const int64_t per_ghost = std::max<int64_t>(1, std::min<int64_t>(16, R / 128));
   return {per_ghost, (R + per_ghost - 1) / per_ghost};
 }
 
-// part_a[t] += Σ_rows f_a(row), part_b[t] += Σ_rows f_b(row) for chunk t = g * per_ghost + j.
+// For chunk t = g * per_ghost + j and channel c: part_a[t*C + c] = Σ_rows a, part_b[t*C + c] = Σ_rows b,
+// where accumulate(g, row, c0, width, a, b) adds channels [c0, c0 + width) of one row into a[0..width), b[0..width).
 template <typename T, typename Accumulate>
 void rows_partial_sums(int64_t G, int64_t R, int64_t C, RowChunks chunks, std::vector<double>& part_a,
                        std::vector<double>& part_b, const Accumulate& accumulate) {
   part_a.assign(G * chunks.per_ghost * C, 0.0);
   part_b.assign(G * chunks.per_ghost * C, 0.0);
-  at::parallel_for(0, G * chunks.per_ghost, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> run_a(C), run_b(C);
-    for (int64_t t = begin; t < end; ++t) {
+  const int64_t blocks = (C + kRowChannelBlock - 1) / kRowChannelBlock;
+  at::parallel_for(0, G * chunks.per_ghost * blocks, 1, [&](int64_t begin, int64_t end) {
+    T run_a[kRowChannelBlock], run_b[kRowChannelBlock];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t t = task / blocks, c0 = (task % blocks) * kRowChannelBlock;
+      const int64_t width = std::min(kRowChannelBlock, C - c0);
       const int64_t g = t / chunks.per_ghost, j = t % chunks.per_ghost;
       const int64_t r_begin = j * chunks.rows, r_end = std::min(R, r_begin + chunks.rows);
-      double* acc_a = part_a.data() + t * C;
-      double* acc_b = part_b.data() + t * C;
+      double* acc_a = part_a.data() + t * C + c0;
+      double* acc_b = part_b.data() + t * C + c0;
       for (int64_t r0 = r_begin; r0 < r_end; r0 += kRowRun) {
         const int64_t r1 = std::min(r_end, r0 + kRowRun);
-        std::fill(run_a.begin(), run_a.end(), T(0));
-        std::fill(run_b.begin(), run_b.end(), T(0));
-        for (int64_t r = r0; r < r1; ++r) accumulate(g, g * R + r, run_a.data(), run_b.data());
-        for (int64_t c = 0; c < C; ++c) { acc_a[c] += run_a[c]; acc_b[c] += run_b[c]; }
+        std::fill(run_a, run_a + width, T(0));
+        std::fill(run_b, run_b + width, T(0));
+        for (int64_t r = r0; r < r1; ++r) accumulate(g, g * R + r, c0, width, run_a, run_b);
+        for (int64_t c = 0; c < width; ++c) { acc_a[c] += run_a[c]; acc_b[c] += run_b[c]; }
       }
     }
   });
@@ -181,13 +187,13 @@ void forward_rows(const T* x, T* y, const Fold& fold, T* mean, T* var, T* invstd
                   int64_t G, int64_t R, int64_t C, double eps) {
   // One pass for the statistics: sums of (x − K) and (x − K)² with K the ghost's first row, a
   // value from the same distribution, so the shifted moments do not cancel catastrophically.
-  const RowChunks chunks = split_rows(G, R);
+  const RowChunks chunks = split_rows(R);
   std::vector<double> s1, s2;
-  rows_partial_sums<T>(G, R, C, chunks, s1, s2, [&](int64_t g, int64_t row, T* a, T* q) {
-    const T* k = x + g * R * C;
-    const T* xr = x + row * C;
+  rows_partial_sums<T>(G, R, C, chunks, s1, s2, [&](int64_t g, int64_t row, int64_t c0, int64_t width, T* a, T* q) {
+    const T* k = x + g * R * C + c0;
+    const T* xr = x + row * C + c0;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) { const T d = xr[c] - k[c]; a[c] += d; q[c] += d * d; }
+    for (int64_t c = 0; c < width; ++c) { const T d = xr[c] - k[c]; a[c] += d; q[c] += d * d; }
   });
   const double n = static_cast<double>(R);
   std::vector<T> scale(G * C), shift(G * C);
@@ -256,14 +262,14 @@ void backward_planes(const T* dy, const T* x, const T* w, const T* mean, const T
 template <typename T>
 void backward_rows(const T* dy, const T* x, const T* w, const T* mean, const T* invstd, T* dx,
                    T* sum_dy, T* sum_dy_xhat, int64_t G, int64_t R, int64_t C) {
-  const RowChunks chunks = split_rows(G, R);
+  const RowChunks chunks = split_rows(R);
   std::vector<double> s_dy, s_dot;
-  rows_partial_sums<T>(G, R, C, chunks, s_dy, s_dot, [&](int64_t g, int64_t row, T* a, T* q) {
-    const T* m = mean + g * C;
-    const T* xr = x + row * C;
-    const T* gr = dy + row * C;
+  rows_partial_sums<T>(G, R, C, chunks, s_dy, s_dot, [&](int64_t g, int64_t row, int64_t c0, int64_t width, T* a, T* q) {
+    const T* m = mean + g * C + c0;
+    const T* xr = x + row * C + c0;
+    const T* gr = dy + row * C + c0;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) { a[c] += gr[c]; q[c] += gr[c] * (xr[c] - m[c]); }
+    for (int64_t c = 0; c < width; ++c) { a[c] += gr[c]; q[c] += gr[c] * (xr[c] - m[c]); }
   });
   // dx = dy·k + x·k_x + k_0 per (ghost, channel): one affine sweep over two inputs.
   const double n = static_cast<double>(R);
