@@ -274,7 +274,10 @@ def batch_renorm(
         return batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
     _check_enough_values(input)
     compiled = _compiled_kernel_takes(input, weight, bias, running_mean, running_var)
-    with _keep_if_finite(running_mean, running_var, skip_nonfinite_update) as (target_mean, target_var):
+    if not skip_nonfinite_update:  # the hot path, without the guard's context manager
+        return _BatchRenorm.apply(input, weight, bias, running_mean, running_var, momentum, eps,
+                                  r_max, d_max, running_var_correction, compiled)
+    with _keep_if_finite(running_mean, running_var, True) as (target_mean, target_var):
         return _BatchRenorm.apply(input, weight, bias, target_mean, target_var, momentum, eps,
                                   r_max, d_max, running_var_correction, compiled)
 
