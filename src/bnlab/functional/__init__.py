@@ -5,7 +5,9 @@
 * :mod:`~bnlab.functional.kernels`: the per-layout kernel registry (torch's
   native kernel, the composite one, and any faster kernel registered later).
 * :mod:`~bnlab.functional.norms`: ``batch_norm``, the policy (validation,
-  statistics, guards) in front of the kernels.
+  statistics, guards) in front of the kernels, and the family built on them.
+* :mod:`~bnlab.functional.compiled`: the compiled CPU kernels (``csrc/``) that
+  ghost batch norm and batch renorm use, built on first use, with a torch fallback.
 """
 
 from bnlab.functional.core import compute_stats, normalize, stats_dtype, update_running_stats
