@@ -701,3 +701,16 @@ def test_a_build_lock_left_by_a_killed_build_is_removed_under_bnlabs_own_lock(tm
             assert not (tmp_path / "lock").exists()
     with _exclusive(tmp_path):  # nothing left over: silent
         pass
+
+
+def test_compiled_kernels_can_be_switched_off_without_a_warning(monkeypatch, recwarn):
+    import bnlab.functional.compiled as compiled
+
+    monkeypatch.setattr(compiled, "_state", {})
+    monkeypatch.setenv("BNLAB_COMPILED_KERNELS", "0")
+    assert compiled.load_kernels() is False
+    x = torch.randn(16, 4)
+    y = BF.ghost_batch_norm(x, torch.zeros(4), torch.ones(4), None, None, True, 0.1, 1e-5, virtual_batch_size=4)
+    want = torch.cat([nn.functional.batch_norm(c, None, None, training=True) for c in x.chunk(4)])
+    torch.testing.assert_close(y, want, **F32)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
