@@ -315,8 +315,7 @@ class _BatchRenorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, r_max, d_max, correction, compiled):
         if compiled:
             buf, layout, perm = _ghost_buffer(x, 1)
-            count = buf.numel() // layout[2]
-            unbias = count / (count - correction) if count > correction else float("nan")
+            unbias = _bessel(buf.numel() // layout[2], correction)
             y, batch_mean, batch_invstd, r, d, folded_weight = torch.ops.bnlab.renorm_forward(
                 buf, weight, bias, running_mean, running_var, *layout[1:], eps, momentum, unbias, r_max, d_max)
             y = y.permute(_inverse(perm)) if perm else y.view(x.shape)
@@ -456,6 +455,12 @@ def _ghost_buffer(x: Tensor, ghosts: int) -> tuple[Tensor, tuple[int, int, int, 
     return x, (ghosts, n // ghosts, c, x[0, 0].numel()), None
 
 
+def _bessel(count: int, correction: int) -> float:
+    """The factor ``count / (count - correction)`` that stores a biased variance with the convention's
+    correction (NaN without enough values, as ATen's update gives)."""
+    return count / (count - correction) if count > correction else float("nan")
+
+
 def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sorted(range(len(perm)), key=perm.__getitem__))
 
@@ -482,8 +487,7 @@ class _CompiledGhostBatchNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, v, update, correction):
         ghosts = x.size(0) // v
         buf, layout, perm = _ghost_buffer(x, ghosts)
-        count = buf.numel() // (ghosts * layout[2])
-        unbias = count / (count - correction) if count > correction else float("nan")
+        unbias = _bessel(buf.numel() // (ghosts * layout[2]), correction)
         y, means, variances, invstds = torch.ops.bnlab.ghost_forward(
             buf, weight, bias, running_mean, running_var, *layout, eps, momentum, update == "averaged", unbias)
         ctx.save_for_backward(buf, weight, means, invstds)
@@ -505,7 +509,7 @@ class _GhostBatchNorm(torch.autograd.Function):
     """Ghost batch norm as one autograd node: ATen's batch norm runs on each ghost batch and writes
     straight into its slice of the output (and, backward, of the input gradient), so there is no
     concatenation copy in either direction. Same arithmetic as the per-chunk path it replaces.
-    On small inputs the cost is the per-call overhead, so the loops below do nothing but the calls."""
+    The fallback when the compiled kernel cannot serve a call."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, v, update, correction):
@@ -525,18 +529,12 @@ class _GhostBatchNorm(torch.autograd.Function):
         else:
             targets = [(running_mean, running_var)] * ghosts
         x_ghosts, out_ghosts = x.split(v), out.split(v)
-        batch_norm_out = torch.ops.aten.native_batch_norm.out
-        if correction == 1 or running_mean is None:
-            for g in range(ghosts):
-                rm, rv = targets[g]
-                batch_norm_out(x_ghosts[g], weight, bias, rm, rv, True, momentum, eps,
-                               out=out_ghosts[g], save_mean=means[g], save_invstd=invstds[g])
-        else:
-            for g in range(ghosts):
-                rm, rv = targets[g]
-                with corrected_running_var(x_ghosts[g], rv, True, correction) as rv_native:
-                    batch_norm_out(x_ghosts[g], weight, bias, rm, rv_native, True, momentum, eps,
-                                   out=out_ghosts[g], save_mean=means[g], save_invstd=invstds[g])
+        for g in range(ghosts):
+            rm, rv = targets[g]
+            with corrected_running_var(x_ghosts[g], rv, True, correction) as rv_native:
+                torch.ops.aten.native_batch_norm.out(
+                    x_ghosts[g], weight, bias, rm, rv_native, True, momentum, eps,
+                    out=out_ghosts[g], save_mean=means[g], save_invstd=invstds[g])
         if running_mean is not None and update == "averaged":
             running_mean.copy_(torch.stack([m for m, _ in targets]).mean(0))
             running_var.copy_(torch.stack([r for _, r in targets]).mean(0))

@@ -137,13 +137,13 @@ inline RowChunks split_rows(int64_t R) {
   return {per_ghost, (R + per_ghost - 1) / per_ghost};
 }
 
-// For chunk t = g * per_ghost + j and channel c: part_a[t*C + c] = Σ_rows a, part_b[t*C + c] = Σ_rows b,
-// where accumulate(g, row, c0, width, a, b) adds channels [c0, c0 + width) of one row into a[0..width), b[0..width).
+// For ghost g and channel c: sum_a[g*C + c] = Σ_rows a, sum_b[g*C + c] = Σ_rows b, where
+// accumulate(g, row, c0, width, a, b) adds channels [c0, c0 + width) of one row into a[0..width), b[0..width).
 template <typename T, typename Accumulate>
-void rows_partial_sums(int64_t G, int64_t R, int64_t C, RowChunks chunks, std::vector<double>& part_a,
-                       std::vector<double>& part_b, const Accumulate& accumulate) {
-  part_a.assign(G * chunks.per_ghost * C, 0.0);
-  part_b.assign(G * chunks.per_ghost * C, 0.0);
+void rows_ghost_sums(int64_t G, int64_t R, int64_t C, std::vector<double>& sum_a, std::vector<double>& sum_b,
+                     const Accumulate& accumulate) {
+  const RowChunks chunks = split_rows(R);
+  std::vector<double> part_a(G * chunks.per_ghost * C, 0.0), part_b(G * chunks.per_ghost * C, 0.0);
   const int64_t blocks = (C + kRowChannelBlock - 1) / kRowChannelBlock;
   at::parallel_for(0, G * chunks.per_ghost * blocks, 1, [&](int64_t begin, int64_t end) {
     T run_a[kRowChannelBlock], run_b[kRowChannelBlock];
@@ -163,6 +163,15 @@ void rows_partial_sums(int64_t G, int64_t R, int64_t C, RowChunks chunks, std::v
       }
     }
   });
+  // the chunks of a ghost, added in a fixed order
+  sum_a.assign(G * C, 0.0);
+  sum_b.assign(G * C, 0.0);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t j = 0; j < chunks.per_ghost; ++j)
+      for (int64_t c = 0; c < C; ++c) {
+        sum_a[g * C + c] += part_a[(g * chunks.per_ghost + j) * C + c];
+        sum_b[g * C + c] += part_b[(g * chunks.per_ghost + j) * C + c];
+      }
 }
 
 // y[row] = x[row] * scale[g] + shift[g] over every row of every ghost.
@@ -187,9 +196,8 @@ void forward_rows(const T* x, T* y, const Fold& fold, T* mean, T* var, T* invstd
                   int64_t G, int64_t R, int64_t C, double eps) {
   // One pass for the statistics: sums of (x − K) and (x − K)² with K the ghost's first row, a
   // value from the same distribution, so the shifted moments do not cancel catastrophically.
-  const RowChunks chunks = split_rows(R);
   std::vector<double> s1, s2;
-  rows_partial_sums<T>(G, R, C, chunks, s1, s2, [&](int64_t g, int64_t row, int64_t c0, int64_t width, T* a, T* q) {
+  rows_ghost_sums<T>(G, R, C, s1, s2, [&](int64_t g, int64_t row, int64_t c0, int64_t width, T* a, T* q) {
     const T* k = x + g * R * C + c0;
     const T* xr = x + row * C + c0;
 #pragma omp simd
@@ -199,13 +207,8 @@ void forward_rows(const T* x, T* y, const Fold& fold, T* mean, T* var, T* invstd
   std::vector<T> scale(G * C), shift(G * C);
   for (int64_t g = 0; g < G; ++g) {
     for (int64_t c = 0; c < C; ++c) {
-      double sum = 0, sq = 0;
-      for (int64_t j = 0; j < chunks.per_ghost; ++j) {
-        sum += s1[(g * chunks.per_ghost + j) * C + c];
-        sq += s2[(g * chunks.per_ghost + j) * C + c];
-      }
-      const double shifted_mean = sum / n;
-      double var_b = sq / n - shifted_mean * shifted_mean;
+      const double shifted_mean = s1[g * C + c] / n;
+      double var_b = s2[g * C + c] / n - shifted_mean * shifted_mean;
       if (var_b < 0) var_b = 0;  // round-off only; unlike std::max this keeps a NaN a NaN
       const T m = static_cast<T>(x[g * R * C + c] + shifted_mean);
       const T inv = static_cast<T>(1.0 / std::sqrt(var_b + eps));
@@ -262,9 +265,8 @@ void backward_planes(const T* dy, const T* x, const T* w, const T* mean, const T
 template <typename T>
 void backward_rows(const T* dy, const T* x, const T* w, const T* mean, const T* invstd, T* dx,
                    T* sum_dy, T* sum_dy_xhat, int64_t G, int64_t R, int64_t C) {
-  const RowChunks chunks = split_rows(R);
   std::vector<double> s_dy, s_dot;
-  rows_partial_sums<T>(G, R, C, chunks, s_dy, s_dot, [&](int64_t g, int64_t row, int64_t c0, int64_t width, T* a, T* q) {
+  rows_ghost_sums<T>(G, R, C, s_dy, s_dot, [&](int64_t g, int64_t row, int64_t c0, int64_t width, T* a, T* q) {
     const T* m = mean + g * C + c0;
     const T* xr = x + row * C + c0;
     const T* gr = dy + row * C + c0;
@@ -276,12 +278,8 @@ void backward_rows(const T* dy, const T* x, const T* w, const T* mean, const T* 
   std::vector<T> k(G * C), k_x(G * C), k_0(G * C);
   for (int64_t g = 0; g < G; ++g) {
     for (int64_t c = 0; c < C; ++c) {
-      double acc_dy = 0, acc_dot = 0;
-      for (int64_t j = 0; j < chunks.per_ghost; ++j) {
-        acc_dy += s_dy[(g * chunks.per_ghost + j) * C + c];
-        acc_dot += s_dot[(g * chunks.per_ghost + j) * C + c];
-      }
       const int64_t q = g * C + c;
+      const double acc_dy = s_dy[q], acc_dot = s_dot[q];
       const T inv = invstd[q];
       sum_dy[q] = static_cast<T>(acc_dy);
       sum_dy_xhat[q] = static_cast<T>(acc_dot * inv);
