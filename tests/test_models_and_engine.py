@@ -253,13 +253,28 @@ def test_drop_last_skips_the_incomplete_batch():
 # -- bf16 with float32 master weights -----------------------------------------------------------
 
 
+def _trained(spec, cfg, seeds, data, steps):
+    trainer = StackedTrainer(spec, cfg, seeds, data)
+    for _ in range(steps):
+        trainer.train_step()
+    return trainer
+
+
+def _autocast_trainer(spec, cfg, seeds, data, monkeypatch):
+    """The same trainer on plain autocast with torch's fused optimizer: the oracle for master weights."""
+    import bnlab.train.engine as engine
+
+    with monkeypatch.context() as m:
+        m.setattr(engine, "master_weight_kernels_available", lambda: False)
+        return StackedTrainer(spec, cfg, seeds, data)
+
+
 @pytest.mark.parametrize("spec,optimizer", [(TINY_MLP, "sgd"), (TINY_CNN, "adam"),
                                             (TINY_MLP.with_(norm="none"), "sgd")])
 def test_master_weight_bf16_equals_autocast(spec, optimizer, monkeypatch):
     # Oracle: the same stacked run under plain autocast with torch's fused optimizer. The
     # master-weight path computes the same numbers with fewer passes, so the float32 weights
     # agree to round-off of the optimizer arithmetic.
-    import bnlab.train.engine as engine
     from bnlab.train.mixed_precision import MasterWeightOptimizer
 
     data = prepare_data(fake_dataset(), CFG, spec)
@@ -267,9 +282,7 @@ def test_master_weight_bf16_equals_autocast(spec, optimizer, monkeypatch):
                     weight_decay=1e-3)
     fast = StackedTrainer(spec, cfg, [0, 1], data)
     assert isinstance(fast.optimizer, MasterWeightOptimizer)
-    with monkeypatch.context() as m:
-        m.setattr(engine, "master_weight_kernels_available", lambda: False)
-        reference = StackedTrainer(spec, cfg, [0, 1], data)
+    reference = _autocast_trainer(spec, cfg, [0, 1], data, monkeypatch)
     assert isinstance(reference.optimizer, torch.optim.Optimizer)
     for step in range(25):
         loss_fast, loss_ref = fast.train_step(), reference.train_step()
@@ -318,12 +331,8 @@ def test_master_weight_sgd_step_matches_torch_on_one_tensor():
 def test_master_weight_resume_equals_an_uninterrupted_run(tmp_path):
     data = prepare_data(fake_dataset(), CFG, TINY_MLP)
     cfg = CFG.with_(bf16=True, epochs=1)
-    straight = StackedTrainer(TINY_MLP, cfg, [0, 1], data)
-    for _ in range(12):
-        straight.train_step()
-    first = StackedTrainer(TINY_MLP, cfg, [0, 1], data)
-    for _ in range(6):
-        first.train_step()
+    straight = _trained(TINY_MLP, cfg, [0, 1], data, 12)
+    first = _trained(TINY_MLP, cfg, [0, 1], data, 6)
     first.save_checkpoint(tmp_path / "ckpt.pt")
     second = StackedTrainer(TINY_MLP, cfg, [0, 1], data)
     second.load_checkpoint(tmp_path / "ckpt.pt")  # the shadows must follow the loaded weights
@@ -368,19 +377,12 @@ def test_master_weight_adam_step_matches_torch_on_one_tensor():
 def test_master_weight_shadows_follow_weights_loaded_behind_the_optimizers_back(monkeypatch):
     # model.load_state_dict bypasses the optimizer; the next step must compute with the loaded
     # weights, exactly as plain autocast would.
-    import bnlab.train.engine as engine
-
     data = prepare_data(fake_dataset(), CFG, TINY_MLP)
     cfg = CFG.with_(bf16=True, epochs=1)
-    donor = StackedTrainer(TINY_MLP, cfg, [5, 6], data)
-    for _ in range(4):
-        donor.train_step()
+    donor = _trained(TINY_MLP, cfg, [5, 6], data, 4)
     state = {k: v.clone() for k, v in donor.model.state_dict().items()}
-    fast = StackedTrainer(TINY_MLP, cfg, [0, 1], data)
-    fast.train_step()
-    with monkeypatch.context() as m:
-        m.setattr(engine, "master_weight_kernels_available", lambda: False)
-        reference = StackedTrainer(TINY_MLP, cfg, [0, 1], data)
+    fast = _trained(TINY_MLP, cfg, [0, 1], data, 1)
+    reference = _autocast_trainer(TINY_MLP, cfg, [0, 1], data, monkeypatch)
     reference.train_step()
     for trainer in (fast, reference):
         trainer.model.load_state_dict(state)

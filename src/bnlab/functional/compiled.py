@@ -123,8 +123,9 @@ def _first_error(exc: Exception) -> str:
 
 def build_extension(name: str, sources: list[Path], ops: tuple[str, ...], cflags: tuple[str, ...] = ()) -> bool:
     """Build (once per machine) and load a C++ extension that registers ``ops`` (``"namespace::op"``)
-    with torch, compiled with ``-O3 -march=native -fopenmp`` plus ``cflags``; True when they are all there. Any failure warns once and returns False, so callers
-    keep a torch fallback. Later calls return the first answer."""
+    with torch, compiled with ``-O3 -march=native -fopenmp`` plus ``cflags``; True when they are all
+    there. Any failure warns once and returns False, so callers keep a torch fallback. Later calls
+    return the first answer."""
     if name in _state:
         return _state[name]
     with _lock:

@@ -67,12 +67,14 @@ class MasterWeightOptimizer:
             raise ValueError(f"master-weight {type(inner).__name__} does not support {', '.join(unsupported)}")
         self.inner = inner
         self.layers = list(layers)
-        self.pairs: list[tuple[nn.Parameter, torch.Tensor]] = []
         for layer in self.layers:
-            shadow = layer.weight.detach().to(torch.bfloat16).requires_grad_(True)
-            layer.compute_weight = shadow
+            layer.compute_weight = layer.weight.detach().to(torch.bfloat16).requires_grad_(True)
             layer.compute_weight_version = layer.weight._version
-            self.pairs.append((layer.weight, shadow))
+
+    @property
+    def pairs(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """``(float32 weight, bf16 shadow)`` of every shadowed layer."""
+        return [(layer.weight, layer.compute_weight) for layer in self.layers]
 
     @property
     def param_groups(self):
@@ -137,12 +139,6 @@ class MasterWeightOptimizer:
         return self.inner.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
+        # Weights loaded into the model bump their version counters, so each layer re-rounds its
+        # shadow on its next training forward (bnlab.models.fused._training_weight): nothing to do here.
         self.inner.load_state_dict(state_dict)
-        self.refresh_shadows()
-
-    @torch.no_grad()
-    def refresh_shadows(self) -> None:
-        """Re-round every shadow from its float32 weight (after the weights were loaded or changed)."""
-        for layer, (master, shadow) in zip(self.layers, self.pairs):
-            shadow.copy_(master)
-            layer.compute_weight_version = master._version
