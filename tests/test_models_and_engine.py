@@ -91,10 +91,13 @@ def test_stacking_refuses_different_architectures():
         StackedModel([build_model(TINY_MLP), build_model(TINY_MLP.with_(norm="none"))])
 
 
-@pytest.mark.parametrize("spec,optimizer", [(TINY_MLP, "sgd"), (TINY_CNN, "adam"), (TINY_MLP.with_(norm_convention="keras"), "adam")])
-def test_model_k_of_a_stacked_run_matches_a_single_run_of_seed_k(spec, optimizer):
+@pytest.mark.parametrize("spec,optimizer,order", [(TINY_MLP, "sgd", "per_seed"), (TINY_CNN, "adam", "per_seed"),
+                                                  (TINY_MLP.with_(norm_convention="keras"), "adam", "per_seed"),
+                                                  (TINY_MLP, "sgd", "shared"), (TINY_CNN, "sgd", "shared")])
+def test_model_k_of_a_stacked_run_matches_a_single_run_of_seed_k(spec, optimizer, order):
+    """Initialization and, with per-seed data order, the batches: model k is the run of seed k."""
     data = prepare_data(fake_dataset(), CFG, spec)
-    cfg = CFG.with_(optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 3e-3, epochs=1)
+    cfg = CFG.with_(optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 3e-3, epochs=1, data_order=order)
     stacked = StackedTrainer(spec, cfg, [0, 1, 2], data)
     single = StackedTrainer(spec, cfg, [1], data)
     for _ in range(stacked.total_steps):
@@ -119,20 +122,29 @@ def test_model_k_of_a_stacked_run_matches_a_single_run_of_seed_k(spec, optimizer
     torch.testing.assert_close(loss_k[1], loss_1[0], rtol=rtol, atol=1e-5)
 
 
-def test_batches_cover_each_epoch_once_and_are_deterministic():
+def test_batches_cover_each_epoch_once_and_each_seed_has_its_own_order():
     data = prepare_data(fake_dataset(n_train=100), CFG, TINY_MLP)
-    trainer = StackedTrainer(TINY_MLP, CFG.with_(batch_size=32), [0], data)
-    epoch = torch.cat([trainer.batch_indices(s) for s in range(trainer.steps_per_epoch)])
-    assert sorted(epoch.tolist()) == list(range(100))  # last batch has 4: covered exactly once
-    other = StackedTrainer(TINY_MLP, CFG.with_(batch_size=32), [5], data)
-    assert torch.equal(other.batch_indices(3), trainer.batch_indices(3))  # all models see the same batches
+    cfg = CFG.with_(batch_size=32)
+    trainer = StackedTrainer(TINY_MLP, cfg, [0], data)
+    epoch = torch.cat([trainer.batch_indices(s) for s in range(trainer.steps_per_epoch)], dim=1)
+    assert sorted(epoch[0].tolist()) == list(range(100))  # last batch has 4: covered exactly once
     assert not torch.equal(trainer.batch_indices(0), trainer.batch_indices(trainer.steps_per_epoch))
+    other = StackedTrainer(TINY_MLP, cfg, [5], data)
+    assert not torch.equal(other.batch_indices(3), trainer.batch_indices(3))  # a seed is a whole seed
+    stacked = StackedTrainer(TINY_MLP, cfg, [0, 5], data)
+    for step in (0, 3, 4):  # model k's batches are those of seed k alone, whatever it is stacked with
+        assert torch.equal(stacked.batch_indices(step), torch.cat([trainer.batch_indices(step),
+                                                                   other.batch_indices(step)]))
+    # the legacy order: one permutation for every model
+    shared = [StackedTrainer(TINY_MLP, cfg.with_(data_order="shared"), seeds, data) for seeds in ([0], [5], [0, 5])]
+    assert shared[2].batch_indices(2).shape == (1, 32)
+    assert torch.equal(shared[0].batch_indices(3), shared[1].batch_indices(3))
 
 
 def test_a_last_batch_of_one_is_never_used():
     data = prepare_data(fake_dataset(n_train=65), CFG, TINY_MLP)
-    trainer = StackedTrainer(TINY_MLP, CFG.with_(batch_size=32), [0], data)
-    assert len(trainer.batch_indices(2)) == 2  # 65 = 32 + 32 + 1
+    trainer = StackedTrainer(TINY_MLP, CFG.with_(batch_size=32), [0, 1], data)
+    assert trainer.batch_indices(2).shape == (2, 2)  # 65 = 32 + 32 + 1
 
 
 def test_training_learns_and_is_reproducible():
@@ -245,7 +257,7 @@ def test_drop_last_skips_the_incomplete_batch():
     data = prepare_data(fake_dataset(n_train=100), CFG, TINY_MLP)
     trainer = StackedTrainer(TINY_MLP, CFG.with_(batch_size=32, drop_last=True), [0], data)
     assert trainer.steps_per_epoch == 3
-    assert all(len(trainer.batch_indices(s)) == 32 for s in range(3))
+    assert all(trainer.batch_indices(s).shape[1] == 32 for s in range(3))
     ghost = ModelSpec(hidden=(8,), norm="ghost", virtual_batch_size=16)
     StackedTrainer(ghost, CFG.with_(batch_size=32, drop_last=True), [0], data).run()  # 100 % 32 != 0 is fine now
 
@@ -269,7 +281,10 @@ def _autocast_trainer(spec, cfg, seeds, data, monkeypatch):
         return StackedTrainer(spec, cfg, seeds, data)
 
 
-@pytest.mark.parametrize("spec,optimizer", [(TINY_MLP, "sgd"), (TINY_CNN, "adam"),
+# No bias in front of the CNN's norms: with Adam such a bias random-walks on float32 round-off (see
+# the stacked-vs-single test), and in bf16 its walk moves the roundings of the conv output, so the
+# two runs drift apart for a reason that has nothing to do with the master weights.
+@pytest.mark.parametrize("spec,optimizer", [(TINY_MLP, "sgd"), (TINY_CNN.with_(bias_before_norm=False), "adam"),
                                             (TINY_MLP.with_(norm="none"), "sgd")])
 def test_master_weight_bf16_equals_autocast(spec, optimizer, monkeypatch):
     # Oracle: the same stacked run under plain autocast with torch's fused optimizer. The

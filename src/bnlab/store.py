@@ -59,6 +59,9 @@ CREATE TABLE IF NOT EXISTS metrics (
 """
 
 STATUSES = ("created", "running", "interrupted", "finished", "failed")
+SCHEMA_VERSION = 1
+# What runs stored before schema version 1 were made with (bnlab.train.TrainConfig's newer fields).
+LEGACY_TRAIN_SETTINGS = {"data_order": "shared", "eval_subset": 0, "eval_train_subset": 0}
 
 
 class StoreError(RuntimeError):
@@ -133,10 +136,35 @@ class RunStore:
             self._db.execute("PRAGMA busy_timeout=30000")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            self._db.row_factory = sqlite3.Row
+            self._migrate()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path} is not a usable bnlab run store ({exc}); "
                              "point --store/BNLAB_STORE at another file") from exc
-        self._db.row_factory = sqlite3.Row
+
+    def _migrate(self) -> None:
+        """Bring runs stored by older bnlab versions up to today's config schema, once per file.
+
+        Version 1 (2026-12-02): training settings added since (per-seed batch order, cheap
+        evaluation) get the values those runs were made with, so every run made with shared
+        batches says so in its config (``data_order: shared``), and its group key is that of
+        the completed config (a resume finds it).
+        """
+        if self._db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            return
+        with self._transaction():
+            if self._db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+                return  # another process migrated it meanwhile
+            for row in self._db.execute("SELECT id, config FROM runs").fetchall():
+                config = json.loads(row["config"])
+                train = config.get("train")
+                if not isinstance(train, dict) or "data_order" in train:
+                    continue
+                train.update(LEGACY_TRAIN_SETTINGS, eval_bf16=bool(train.get("bf16", False)))
+                key = config_key({k: v for k, v in config.items() if k != "seed"})
+                self._db.execute("UPDATE runs SET config = ?, group_key = ? WHERE id = ?",
+                                 (json.dumps(config, sort_keys=True), key, row["id"]))
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @property
     def checkpoint_dir(self) -> Path:

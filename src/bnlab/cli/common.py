@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import time
 from pathlib import Path
 
 from bnlab.store import RunStore
@@ -29,3 +31,29 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
+
+
+def process_seconds() -> float:
+    """Seconds since this process started (interpreter start-up and imports included), from /proc;
+    elsewhere, since bnlab's command module was imported."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED
+
+
+def phase_report(phases: dict[str, float], total: float) -> str:
+    """One line: where the command's wall time went, in seconds and per cent."""
+    accounted = sum(phases.values())
+    parts = [f"{name} {seconds:.1f} s ({100 * seconds / total:.0f}%)" for name, seconds in phases.items()
+             if seconds >= 0.05]
+    if total - accounted >= 0.05:
+        parts.append(f"other {total - accounted:.1f} s")
+    return f"time: {total:.1f} s: " + ", ".join(parts)
+
+
+_IMPORTED = time.perf_counter()

@@ -9,11 +9,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-from torch import nn
-
-import bnlab.nn as bnn
-
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="train a small MLP with and without BN on synthetic data")
@@ -23,6 +18,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _synthetic_task(seed: int, n: int = 6000, dim: int = 64, classes: int = 10):
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     centers = torch.randn(classes, dim, generator=g) * 1.5
     labels = torch.randint(classes, (n,), generator=g)
@@ -30,7 +27,11 @@ def _synthetic_task(seed: int, n: int = 6000, dim: int = 64, classes: int = 10):
     return x, labels
 
 
-def _mlp(use_bn: bool, dim: int = 64, width: int = 64, depth: int = 6, classes: int = 10) -> nn.Sequential:
+def _mlp(use_bn: bool, dim: int = 64, width: int = 64, depth: int = 6, classes: int = 10):
+    from torch import nn
+
+    import bnlab.nn as bnn
+
     layers: list[nn.Module] = []
     for i in range(depth):
         layers.append(nn.Linear(dim if i == 0 else width, width, bias=not use_bn))
@@ -42,6 +43,9 @@ def _mlp(use_bn: bool, dim: int = 64, width: int = 64, depth: int = 6, classes: 
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+    from torch import nn
+
     if args.steps < 1:
         raise SystemExit("bnlab demo: error: --steps must be at least 1")
     x, y = _synthetic_task(args.seed)

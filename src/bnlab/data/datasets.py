@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from bnlab.data.idx import IdxError, parse_idx, read_bytes
 
@@ -124,6 +123,8 @@ class Dataset:
         ``scaling="unit"``: ``pixel / 255`` (seed 000's Keras recipe).
         ``flatten`` gives ``(N, 784)``, otherwise ``(N, 1, 28, 28)``.
         """
+        import torch
+
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         images = self.train_images if split == "train" else self.test_images
@@ -188,6 +189,8 @@ def load_dataset(
                     break
     if arrays is None:
         raise DataUnavailableError(_unavailable_message(spec, cache, attempts))
+    import torch  # here, so that `bnlab --help` and the data commands start without torch
+
     return Dataset(
         spec,
         torch.from_numpy(arrays["train_images"].copy()),

@@ -14,6 +14,10 @@ THRESHOLDS = (0.95, 0.97)
 def summarise_group(store: RunStore, result: GroupResult, *, all_series: bool = False) -> dict:
     """Per-seed final metrics and steps-to-threshold, their means with 95% CIs, and the curves.
 
+    ``curve_max_abs_error`` (per seed and overall) is the largest |approximate − exact| test
+    accuracy over the milestones where both were measured: what the cheap intermediate
+    evaluation costs in accuracy, measured on this very run.
+
     ``all_series`` also returns every stored metric series (probes included) as ``series``.
     """
     per_seed = []
@@ -37,6 +41,11 @@ def summarise_group(store: RunStore, result: GroupResult, *, all_series: bool = 
             row["train_test_gap"] = row["final_train_acc"] - final_test_acc
         for threshold in THRESHOLDS:
             row[f"steps_to_{round(threshold * 100)}"] = first_step_reaching(test_acc, threshold)
+        # the curve's measured approximation error: at each milestone both the exact value and the
+        # value the cheap evaluation gives are stored (see bnlab.train.engine.EvalPlan)
+        exact, approx = dict(test_acc), dict(series.get("test_acc_approx", []))
+        errors = [abs(approx[s] - exact[s]) for s in approx if s in exact and None not in (approx[s], exact[s])]
+        row["curve_max_abs_error"] = max(errors) if errors else None
         per_seed.append(row)
         curves[run_id] = {name: series.get(name, []) for name in ("test_acc", "test_loss", "train_loss")}
         every[run_id] = series
@@ -48,11 +57,17 @@ def summarise_group(store: RunStore, result: GroupResult, *, all_series: bool = 
     for threshold in THRESHOLDS:
         key = f"steps_to_{round(threshold * 100)}"
         aggregate[key] = {**interval(key), "reached": sum(r[key] is not None for r in per_seed), "of": len(per_seed)}
+    errors = [r["curve_max_abs_error"] for r in per_seed if r["curve_max_abs_error"] is not None]
+    first = store.run(result.run_ids[0])
     summary = {
         "group_id": result.group_id,
         "reused": result.reused,
         "train_wall_seconds": result.wall_seconds,
         "steps_per_second": result.steps_per_second,
+        "phases_seconds": result.phases,
+        "data_order": first.config["train"].get("data_order", "shared"),
+        "evaluation": (first.summary or {}).get("evaluation"),
+        "curve_max_abs_error": max(errors) if errors else None,
         "aggregate": aggregate,
         "per_seed": per_seed,
         "curves": curves,

@@ -5,8 +5,11 @@
 
 * activations are laid out ``(B, K, C)`` for vectors and ``(B, K*C, H, W)`` for
   images, so model k's channels are a contiguous block;
-* the first linear/conv layer sees the same input for every model, so it is
-  one wide matmul (or conv) with the K weight matrices concatenated;
+* the input is either shared (``(B, ...)``: every model sees the same batch, as
+  at evaluation) or per model (``(B, K, ...)``: model k's own batch, as in
+  training where each seed draws its own batch order). A shared input makes the
+  first linear/conv layer one wide matmul (or conv) with the K weight matrices
+  concatenated; a per-model input makes it a batched matmul (grouped conv);
 * later linear layers are one batched matmul over K; later convolutions are
   one grouped convolution with ``groups=K``;
 * batch norm over ``(B, K*C)`` (or ``(B, K*C, H, W)``) is per (model,
@@ -36,7 +39,10 @@ _NORMS = (_BatchNorm, _FrozenBatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.i
 
 
 class StackedLinear(nn.Module):
-    """K linear layers. ``shared_input``: ``(B, in) -> (B, K, out)``; else ``(B, K, in) -> (B, K, out)``.
+    """K linear layers: ``(B, in) -> (B, K, out)`` (shared input) or ``(B, K, in) -> (B, K, out)``.
+
+    ``shared_input`` chooses the weight layout for the input the layer mostly sees
+    (the other kind of input works too, at the cost of one weight copy per call).
 
     Weights are stored input-major, ``(in, K, out)`` when the input is shared and
     ``(K, in, out)`` otherwise, so that the forward pass is ``x @ W`` and the
@@ -58,12 +64,19 @@ class StackedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         weight = _training_weight(self)
-        if self.shared_input:
-            inp, k, out = weight.shape
-            y = x @ weight.view(inp, k * out)
+        if x.dim() == 2:  # one input for all K models
+            if self.shared_input:
+                inp, k, out = weight.shape
+                wide = weight.view(inp, k * out)
+            else:  # a per-model first layer evaluated on a shared batch: one copy of W per call
+                k, inp, out = weight.shape
+                wide = weight.transpose(0, 1).reshape(inp, k * out)
+            y = x @ wide
             if self.bias is not None:
                 y = y + self.bias.view(k * out)
             return y.view(len(x), k, out)
+        if self.shared_input:
+            weight = weight.transpose(0, 1)  # (K, in, out), strided
         xk = x.transpose(0, 1)  # (K, B, in)
         if self.bias is None:
             y = torch.bmm(xk, weight)
@@ -101,7 +114,7 @@ class StackedConv2d(nn.Module):
         weight = _training_weight(self)
         weight = weight.reshape(k * out, *weight.shape[2:])
         bias = None if self.bias is None else self.bias.reshape(k * out)
-        groups = 1 if self.shared_input else k
+        groups = 1 if x.shape[1] == weight.shape[1] else k  # a shared input has `in` channels, else K*in
         return nn.functional.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
     def unstacked(self, k: int) -> dict[str, Tensor]:
@@ -209,11 +222,14 @@ class StackedFlatten(nn.Module):
 class StackedModel(nn.Module):
     """K ``nn.Sequential`` models of identical architecture, trained as one.
 
-    ``forward(x)`` takes the shared batch and returns logits ``(B, K, classes)``.
+    ``forward(x)`` takes a batch shared by all models, ``(B, ...)``, and
+    ``forward(x, per_model=True)`` one batch per model, ``(B, K, ...)``; both return
+    logits ``(B, K, classes)``. ``shared_input`` says which of the two training
+    will use, to lay the first layer's weights out for it.
     :meth:`write_back` copies the trained state into the K original modules.
     """
 
-    def __init__(self, models: list[nn.Sequential]):
+    def __init__(self, models: list[nn.Sequential], shared_input: bool = True):
         super().__init__()
         if not models:
             raise ValueError("need at least one model")
@@ -224,32 +240,45 @@ class StackedModel(nn.Module):
             self.layers = models[0]
             return
         layers: list[nn.Module] = []
-        shared = True  # inputs are the same for all K until the first layer with weights
+        shared = shared_input  # until the first layer with weights: the layout training feeds it
+        self._first_weighted = None
         for index, group in enumerate(zip(*[list(m) for m in models], strict=True)):
             proto = group[0]
             if any(type(m) is not type(proto) for m in group):
                 raise TypeError(f"layer {index}: models differ in architecture ({[type(m).__name__ for m in group]})")
-            if isinstance(proto, nn.Linear):
-                layers.append(StackedLinear(list(group), shared))
-                shared = False
-            elif isinstance(proto, nn.Conv2d):
-                layers.append(StackedConv2d(list(group), shared))
+            if isinstance(proto, (nn.Linear, nn.Conv2d)):
+                stacked_type = StackedLinear if isinstance(proto, nn.Linear) else StackedConv2d
+                layers.append(stacked_type(list(group), shared))
+                if self._first_weighted is None:
+                    self._first_weighted = index
                 shared = False
             elif isinstance(proto, _NORMS):
-                if shared:
+                if self._first_weighted is None:
                     raise TypeError("a norm before the first linear/conv layer cannot be stacked")
                 layers.append(StackedNorm(list(group)))
             elif isinstance(proto, nn.Flatten):
-                layers.append(nn.Flatten() if shared else StackedFlatten(self.k))
+                layers.append(nn.Flatten() if self._first_weighted is None else StackedFlatten(self.k))
             elif isinstance(proto, _ELEMENTWISE):
                 layers.append(copy.deepcopy(proto))
             else:
                 raise TypeError(f"layer {index}: cannot stack {type(proto).__name__}")
         self.layers = nn.Sequential(*layers)
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.layers(x)
-        return y.unsqueeze(1) if self.k == 1 else y
+    def forward(self, x: Tensor, per_model: bool = False) -> Tensor:
+        if self.k == 1:
+            return self.layers(x[:, 0] if per_model else x).unsqueeze(1)
+        if not per_model:
+            return self.layers(x)
+        # (B, K, ...): the layers before the first weighted one (a flatten) act per model,
+        # and a first convolution takes model k's image as its channel block k.
+        for index, layer in enumerate(self.layers):
+            if index < self._first_weighted:
+                x = x.flatten(2) if isinstance(layer, nn.Flatten) else layer(x)
+                continue
+            if index == self._first_weighted and isinstance(layer, StackedConv2d):
+                x = x.flatten(1, 2)
+            x = layer(x)
+        return x
 
     @torch.no_grad()
     def write_back(self) -> list[nn.Sequential]:
@@ -266,7 +295,9 @@ class StackedModel(nn.Module):
 
 
 def per_model_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    """Mean cross-entropy of each of the K models: ``(B, K, classes), (B,) -> (K,)``."""
+    """Mean cross-entropy of each of the K models: ``(B, K, classes)`` and targets ``(B,)`` shared or
+    ``(B, K)`` per model ``-> (K,)``."""
     b, k, _ = logits.shape
-    losses = nn.functional.cross_entropy(logits.transpose(1, 2), target.unsqueeze(1).expand(b, k), reduction="none")
+    target = target.unsqueeze(1).expand(b, k) if target.dim() == 1 else target
+    losses = nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
     return losses.mean(dim=0)

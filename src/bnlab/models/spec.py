@@ -50,6 +50,9 @@ class ModelSpec:
         init: ``torch`` (torch's default), ``glorot`` (Keras' glorot_uniform, zero
             bias) or ``normal`` (N(0, init_scale²), zero bias).
         init_scale: standard deviation for ``init="normal"``.
+        norm_momentum: the running-average momentum of the batch-statistics kinds, in
+            their convention (None: the convention's default, 0.1 for torch, 0.99 for keras).
+        norm_eps: the ε added to the variance (None: the layer's default).
         norm_output: also normalize the logits (seed 000 warns against it).
         classes: number of outputs.
     """
@@ -70,6 +73,8 @@ class ModelSpec:
     classes: int = 10
     norm_groups: int = 0
     virtual_batch_size: int = 32
+    norm_momentum: float | None = None
+    norm_eps: float | None = None
 
     def __post_init__(self):
         _check_choice("arch", self.arch, ("mlp", "cnn"))
@@ -85,6 +90,10 @@ class ModelSpec:
             raise ValueError("instance norm needs spatial dims: use it with arch='cnn'")
         if self.arch == "cnn" and not self.conv_channels:
             raise ValueError("a cnn needs at least one entry in conv_channels")
+        if self.norm_momentum is not None and not 0.0 <= self.norm_momentum <= 1.0:
+            raise ValueError(f"norm_momentum must be in [0, 1], got {self.norm_momentum}")
+        if self.norm_eps is not None and not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
         if any(w < 1 for w in (*self.hidden, *self.conv_channels)):
             raise ValueError("widths and channel counts must be positive")
 
@@ -120,6 +129,10 @@ def _norm(spec: ModelSpec, features: int, spatial: bool) -> nn.Module:
         options["virtual_batch_size"] = spec.virtual_batch_size
     if spec.norm == "instance":
         options["affine"] = True  # a learnable scale and shift, like every other kind here
+    if spec.norm_momentum is not None and spec.norm in _BATCH_STAT_NORMS:
+        options["momentum"] = spec.norm_momentum
+    if spec.norm_eps is not None:
+        options["eps"] = spec.norm_eps
     return bnn.make_norm(spec.norm, features, spatial=spatial, **options)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,23 @@ from bnlab.stats import mean_ci
 
 __all__ = ["format_table", "write_report", "plot_curves"]
 
-COLORS = {"no BN": "#d95f02", "BN": "#1b9e77"}
+# colour-blind-safe (Okabe-Ito); the first variant is the baseline
+PALETTE = ("#d55e00", "#009e73", "#0072b2", "#cc79a7", "#e69f00", "#56b4e9", "#000000", "#f0e442")
+COLORS = {"no norm": PALETTE[0], "BN": PALETTE[1]}
+
+
+def _color(summary: dict, label: str) -> str:
+    if label in COLORS and len(summary["variants"]) <= 2:
+        return COLORS[label]
+    return PALETTE[list(summary["variants"]).index(label) % len(PALETTE)]
+
+
+# (metric, row title, scale, digits, unit)
+_METRICS = (("final_test_acc", "final test accuracy", 100, 2, " %"),
+            ("steps_to_95", "steps to 95% test acc", 1, 0, ""),
+            ("steps_to_97", "steps to 97% test acc", 1, 0, ""),
+            ("final_train_loss", "final train loss", 1, 4, ""),
+            ("train_test_gap", "train-test gap (acc)", 100, 2, " pts"))
 
 
 def _rows(summary: dict) -> list[tuple[str, list[str]]]:
@@ -32,31 +49,77 @@ def _rows(summary: dict) -> list[tuple[str, list[str]]]:
             text += f" ({d['reached']}/{d['of']} seeds)"
         return text
 
-    rows = [("final test accuracy", [cell(l, "final_test_acc", 100, 2, " %") for l in labels])]
-    for key, title in (("steps_to_95", "steps to 95% test acc"), ("steps_to_97", "steps to 97% test acc")):
-        rows.append((title, [cell(l, key, 1, 0) for l in labels]))
-    rows.append(("final train loss", [cell(l, "final_train_loss", 1, 4) for l in labels]))
-    rows.append(("train-test gap (acc)", [cell(l, "train_test_gap", 100, 2, " pts") for l in labels]))
+    rows = [(title, [cell(l, key, scale, digits, unit) for l in labels]) for key, title, scale, digits, unit in _METRICS]
     return rows
+
+
+def _difference_rows(summary: dict) -> list[tuple[str, list[str]]]:
+    """Each variant minus the first, with Welch's 95% interval; '*' where the interval excludes 0."""
+    differences = summary.get("differences") or {}
+    if not differences:
+        return []
+    labels = list(summary["variants"])
+    rows = []
+    for key, title, scale, digits, unit in _METRICS:
+        cells = ["(baseline)"]
+        for label in labels[1:]:
+            d = differences[label][key]
+            if d["n"] == 0 or d["mean"] is None or d["mean"] != d["mean"]:
+                cells.append("n/a")
+                continue
+            text = f"{d['mean'] * scale:+.{digits}f}"
+            if d["low"] != d["high"]:
+                text += f" [{d['low'] * scale:+.{digits}f}, {d['high'] * scale:+.{digits}f}]"
+                text += " *" if d["low"] > 0 or d["high"] < 0 else ""
+            cells.append(text + unit)
+        rows.append((f"Δ {title}", cells))
+    return rows
+
+
+def _evaluation_note(summary: dict) -> str:
+    """How the numbers were measured, with the approximation error this run measured."""
+    evaluation = next((v.get("evaluation") for v in summary["variants"].values() if v.get("evaluation")), None)
+    if not evaluation:
+        return "every evaluation on the full test set"
+    inter, train = evaluation["intermediate_points"], evaluation["train_metrics"]
+    errors = [v["curve_max_abs_error"] for v in summary["variants"].values() if v.get("curve_max_abs_error") is not None]
+
+    def part(d):
+        scope = f"{d['examples']:,}-image stratified subset" if d["stratified_subset"] else f"all {d['of']:,} images"
+        return f"{scope}, {d['dtype']}"
+
+    text = (f"final test accuracy exact (all {evaluation['milestones']['of']:,} test images, float32, as at every "
+            f"epoch end); intermediate curve points approximate ({part(inter)}); train loss and gap: {part(train)}")
+    if errors:
+        text += f"; largest |approx - exact| test accuracy at the milestones: {max(errors) * 100:.2f} pts"
+    return text
 
 
 def format_table(summary: dict) -> str:
     labels = list(summary["variants"])
     rows = _rows(summary)
-    width0 = max(len(r[0]) for r in rows)
-    widths = [max(len(labels[i]), *(len(r[1][i]) for r in rows)) for i in range(len(labels))]
+    differences = _difference_rows(summary)
+    width0 = max(len(r[0]) for r in rows + differences)
+    widths = [max(len(labels[i]), *(len(r[1][i]) for r in rows + differences)) for i in range(len(labels))]
     req = summary["request"]
     n = req["seeds"]
     every = summary["train_config"]["eval_every"]
+    order = summary["train_config"].get("data_order", "shared")
     lines = [
         f"{req['preset']} on {req['dataset']}, {n} seed{'s' if n > 1 else ''} per variant; "
         f"mean ± 95% CI (Student t) over seeds",
+        ("(a seed fixes initialization, dropout and batch order; model k sees the same batches in every variant)"
+         if order == "per_seed" else
+         "(all seeds saw the same batches: the CIs cover initialization and dropout only)"),
         f"(steps-to-X are evaluation steps: test accuracy is measured every {every} steps, "
         f"every {max(1, every // 4)} during the first {2 * every})",
+        "(" + _evaluation_note(summary) + ")",
         "  ".join([" " * width0] + [l.rjust(w) for l, w in zip(labels, widths)]),
     ]
-    for title, cells in rows:
+    for title, cells in rows + differences:
         lines.append("  ".join([title.ljust(width0)] + [c.rjust(w) for c, w in zip(cells, widths)]))
+    if differences:
+        lines.append(f"(Δ: each variant minus {labels[0]}, Welch 95% CI; * where it excludes 0)")
     return "\n".join(lines)
 
 
@@ -94,7 +157,7 @@ def plot_curves(summary: dict, path: Path) -> None:
             if band is None:
                 continue
             steps, mean, low, high, per_run = band
-            color = COLORS.get(label)
+            color = _color(summary, label)
             for run in per_run:
                 xs = sorted(run)
                 ax.plot(xs, [run[s] * scale for s in xs], color=color, alpha=0.18, lw=0.8)
@@ -110,8 +173,8 @@ def plot_curves(summary: dict, path: Path) -> None:
             ax.set_ylim(max(min(top_low), 80.0), 100.0)
     axes[0].legend(loc="lower right")
     req = summary["request"]
-    fig.suptitle(f"{req['preset']} on {req['dataset']}: with vs without batch norm, {req['seeds']} seeds "
-                 "(thin lines: individual seeds)")
+    fig.suptitle(f"{req['preset']} on {req['dataset']}: {' vs '.join(summary['variants'])}, {req['seeds']} seeds "
+                 "(thin lines: individual seeds; points between epoch ends on a test subset)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -119,18 +182,26 @@ def plot_curves(summary: dict, path: Path) -> None:
 
 def write_report(summary: dict, out_dir: Path) -> dict[str, Path]:
     """Write summary.json, curves.png and index.html into ``out_dir``; return their paths."""
+    started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"summary": out_dir / "summary.json", "curves": out_dir / "curves.png", "html": out_dir / "index.html"}
-    paths["summary"].write_text(json.dumps(summary, indent=2, default=_json_default))
     plot_curves(summary, paths["curves"])
     paths["html"].write_text(_html(summary))
+    summary.setdefault("phases_seconds", {})["report"] = time.perf_counter() - started
+    paths["summary"].write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
     return paths
 
 
-def _json_default(value):
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+def strict_json(value):
+    """``value`` with NaN and infinities as ``null``: ``json.dumps`` writes them as bare ``NaN``
+    tokens, which strict parsers (and every language but Python's) reject."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def _html(summary: dict) -> str:
@@ -139,7 +210,7 @@ def _html(summary: dict) -> str:
     head = "".join(f"<th>{e(l)}</th>" for l in labels)
     body = "".join(
         f"<tr><th>{e(title)}</th>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>"
-        for title, cells in _rows(summary)
+        for title, cells in _rows(summary) + _difference_rows(summary)
     )
     seed_rows = []
     for label, variant in summary["variants"].items():
@@ -153,6 +224,9 @@ def _html(summary: dict) -> str:
             )
     req = summary["request"]
     preset = summary["preset"]
+    seeds_text = ("A seed fixes a model's initialization, dropout and batch order; model k sees the same batches "
+                  "in every variant." if summary["train_config"].get("data_order") == "per_seed" else
+                  "All seeds saw the same batches, so the intervals cover initialization and dropout only.")
     config = json.dumps({"train": summary["train_config"], "models": summary["models"]}, indent=2)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>bnlab compare: {e(req['preset'])}</title>
@@ -164,10 +238,12 @@ th:first-child {{ text-align: left; }}
 img {{ max-width: 100%; }}
 pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; }}
 </style></head><body>
-<h1>With vs without batch normalization: {e(req['preset'])} on {e(req['dataset'])}</h1>
+<h1>{e(' vs '.join(labels))}: {e(req['preset'])} on {e(req['dataset'])}</h1>
 <p>{e(preset['source'])}. Our choices: {e(preset['our_choices'])}.</p>
-<p>{req['seeds']} seeds per variant, all seeing the same batches; numbers are means with 95% confidence
-intervals (Student t) over seeds. "Steps to X%" is the first evaluation step at which test accuracy reached X.</p>
+<p>{req['seeds']} seeds per variant. {e(seeds_text)} Numbers are means with 95% confidence
+intervals (Student t) over seeds; Δ rows are each variant minus {e(labels[0])} with Welch's 95% interval.
+"Steps to X%" is the first evaluation step at which test accuracy reached X.</p>
+<p>Measurement: {e(_evaluation_note(summary))}.</p>
 <table><tr><th></th>{head}</tr>{body}</table>
 <img src="curves.png" alt="test accuracy and train loss vs training steps, with and without batch norm">
 <h2>Per seed</h2>

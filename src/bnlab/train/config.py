@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
-__all__ = ["TrainConfig"]
+__all__ = ["TrainConfig", "native_bf16"]
+
+DATA_ORDERS = ("per_seed", "shared")
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16 in ``/proc/cpuinfo``);
+    elsewhere bf16 is emulated and slower than float32, so evaluation stays float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 @dataclass(frozen=True)
@@ -23,7 +36,21 @@ class TrainConfig:
         scaling: ``standardize`` (mean/std of the train set) or ``unit`` (/255).
         eval_every: evaluate the test set every this many steps (plus four times
             as often during the first ``2 * eval_every`` steps, where curves move fastest).
-        data_seed: the batch order; all K stacked models see the same batches.
+        data_seed: with ``data_order``, fixes the batch order.
+        data_order: ``per_seed`` (default): model k draws its own batch order from
+            ``(data_seed, seed_k)``, so a stacked model is a whole independent run of its
+            seed, and model k sees the same batches in every variant it is compared in
+            (differences between variants stay paired). ``shared``: all K models see the
+            same batches (one order from ``data_seed``), so K "seeds" differ only in
+            initialization and dropout; runs stored before 2026-12-02 were all made so.
+        eval_subset: intermediate evaluation points use a fixed, class-stratified subset of
+            this many test images (0: the full test set at every point). Milestones (the end
+            of every epoch and the last step) always use the full test set in float32, so
+            the final test accuracy is exact.
+        eval_train_subset: the final train-set loss and accuracy use a fixed stratified
+            subset of this many training images (0: all of them).
+        eval_bf16: intermediate points and the train-set metrics in bfloat16 autocast
+            (default: when the CPU has native bf16). Milestones stay float32.
         bf16: bfloat16 autocast for matmuls and convolutions (off by default). Stacked
             runs (K > 1) keep float32 master weights and compute with bf16 copies that a
             compiled optimizer pass refreshes, instead of casting every step: the same
@@ -50,6 +77,10 @@ class TrainConfig:
     scaling: str = "standardize"
     eval_every: int = 100
     data_seed: int = 0
+    data_order: str = "per_seed"
+    eval_subset: int = 2000
+    eval_train_subset: int = 10000
+    eval_bf16: bool = field(default_factory=native_bf16)
     bf16: bool = False
     checkpoint_every: int = 500
     accumulate: int = 1
@@ -72,6 +103,10 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.accumulate < 1 or self.batch_size % self.accumulate:
             raise ValueError(f"accumulate must be >= 1 and divide batch_size ({self.batch_size}), got {self.accumulate}")
+        if self.data_order not in DATA_ORDERS:
+            raise ValueError(f"data_order must be one of {list(DATA_ORDERS)}, got {self.data_order!r}")
+        if self.eval_subset < 0 or self.eval_train_subset < 0:
+            raise ValueError("eval_subset and eval_train_subset must be >= 0 (0: the whole set)")
         if self.eval_every < 1 or self.checkpoint_every < 1:
             raise ValueError("eval_every and checkpoint_every must be at least 1")
 
@@ -91,6 +126,10 @@ class TrainConfig:
         dense = max(1, self.eval_every // 4)
         return step == total or step % self.eval_every == 0 or (step < 2 * self.eval_every and step % dense == 0)
 
+    def is_milestone(self, step: int, total: int, steps_per_epoch: int) -> bool:
+        """Evaluation points measured exactly (full test set, float32): every epoch end and the last step."""
+        return step == total or step % steps_per_epoch == 0
+
     def with_(self, **changes) -> TrainConfig:
         return replace(self, **changes)
 
@@ -99,4 +138,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training setting(s) {unknown}; valid: {sorted(known)}")
         return cls(**d)

@@ -1,16 +1,25 @@
 """The training engine: K seeds of one model spec trained together on preloaded tensors.
 
 The data lives in memory as tensors; a step gathers a batch by index (no
-per-sample Python, no DataLoader) from a permutation that depends only on
-``data_seed`` and the epoch, so any step's batch can be recomputed when a run
-resumes. All K models see the same batches; see :mod:`bnlab.models.fused`.
+per-sample Python, no DataLoader). Model k's batch order is a permutation per
+epoch that depends only on ``data_seed``, model k's seed and the epoch, so model
+k of a stacked run is the run of seed k alone, and any step's batch can be
+recomputed when a run resumes (``data_order="shared"``: one order for all K);
+see :mod:`bnlab.models.fused`.
+
+Evaluation is planned to cost little next to training (:class:`EvalPlan`):
+intermediate points of the test curve on a fixed stratified subset (in bf16
+where the CPU has it), milestones (epoch ends, the last step) exactly, on the
+full test set in float32.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +33,8 @@ from bnlab.models.spec import ModelSpec, build_model
 from bnlab.train.config import TrainConfig
 from bnlab.train.mixed_precision import MasterWeightOptimizer, master_weight_kernels_available
 
-__all__ = ["TrainData", "StackedTrainer", "StopRequested", "graceful_stop", "prepare_data"]
+__all__ = ["TrainData", "StackedTrainer", "StopRequested", "graceful_stop", "prepare_data", "EvalPlan",
+           "stratified_subset", "batch_order"]
 
 # A probe reads the trainer at an evaluation step and returns per-model values: {name: tensor of shape (K,)}.
 Probe = Callable[["StackedTrainer"], dict[str, Tensor]]
@@ -43,6 +53,74 @@ def prepare_data(dataset: Dataset, cfg: TrainConfig, spec: ModelSpec) -> TrainDa
     train_x, train_y = dataset.tensors("train", scaling=cfg.scaling, flatten=flatten)
     test_x, test_y = dataset.tensors("test", scaling=cfg.scaling, flatten=flatten)
     return TrainData(train_x, train_y, test_x, test_y)
+
+
+def stratified_subset(labels: Tensor, size: int, seed: int = 0) -> Tensor:
+    """Sorted indices of ``size`` examples with the classes in the proportions of ``labels``
+    (largest remainder), drawn by a fixed generator: the same subset on every run and machine."""
+    n = len(labels)
+    if size <= 0 or size >= n:
+        return torch.arange(n)
+    classes, counts = labels.unique(return_counts=True)
+    exact = counts.double() * size / n
+    quota = exact.floor().long()
+    remainder_order = (exact - quota).argsort(descending=True, stable=True)
+    quota[remainder_order[: size - int(quota.sum())]] += 1
+    g = torch.Generator().manual_seed(seed)
+    picked = []
+    for c, q in zip(classes.tolist(), quota.tolist()):
+        members = (labels == c).nonzero().flatten()
+        picked.append(members[torch.randperm(len(members), generator=g)[:q]])
+    return torch.cat(picked).sort().values
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """What each evaluation measures (see :class:`~bnlab.train.TrainConfig`'s ``eval_*`` fields).
+
+    Intermediate points: ``test_subset`` of the test set, in bf16 if ``bf16``. Milestones: the
+    full test set in float32, plus the intermediate measurement at the same step (stored as
+    ``test_acc_approx`` / ``test_loss_approx``), so every run measures its curve's approximation
+    error. Train-set metrics at the end: ``train_subset`` of the training set, in bf16 if ``bf16``.
+    """
+
+    test_subset: Tensor | None  # None: the full test set
+    train_subset: Tensor | None
+    bf16: bool
+    n_test: int
+    n_train: int
+
+    @property
+    def approximate(self) -> bool:
+        return self.test_subset is not None or self.bf16
+
+    def describe(self) -> dict:
+        def part(subset, total):
+            return {"examples": total if subset is None else len(subset), "of": total,
+                    "stratified_subset": subset is not None, "dtype": "bfloat16" if self.bf16 else "float32"}
+        return {"intermediate_points": part(self.test_subset, self.n_test),
+                "milestones": {"examples": self.n_test, "of": self.n_test, "dtype": "float32",
+                               "when": "the end of every epoch and the last step"},
+                "train_metrics": part(self.train_subset, self.n_train)}
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, data: TrainData) -> EvalPlan:
+        def subset(labels, size):
+            return stratified_subset(labels, size) if 0 < size < len(labels) else None
+
+        return cls(subset(data.test_y, cfg.eval_subset), subset(data.train_y, cfg.eval_train_subset),
+                   cfg.eval_bf16, len(data.test_y), len(data.train_y))
+
+
+def batch_order(data_seed: int, seed: int | None, epoch: int, n: int) -> Tensor:
+    """The permutation of ``n`` training examples that a model of ``seed`` draws its batches from in
+    ``epoch`` (``seed=None``: the order shared by all models, ``data_order="shared"``)."""
+    if seed is None:
+        key = data_seed * 1_000_003 + epoch
+    else:  # a hash, so that no two (data_seed, seed, epoch) share a generator seed
+        digest = hashlib.blake2b(f"bnlab/{data_seed}/{seed}/{epoch}".encode(), digest_size=8).digest()
+        key = int.from_bytes(digest, "little") >> 1
+    return torch.randperm(n, generator=torch.Generator().manual_seed(key))
 
 
 class StopRequested(Exception):
@@ -93,12 +171,17 @@ class StackedTrainer:
                  probes: tuple[Probe, ...] = ()):
         self.spec, self.cfg, self.seeds, self.data = spec, cfg, list(seeds), data
         self.k = len(seeds)
-        self.model = StackedModel([build_model(spec, seed=s) for s in seeds])
+        self.shared_order = cfg.data_order == "shared"
+        self.model = StackedModel([build_model(spec, seed=s) for s in seeds], shared_input=self.shared_order)
         self.probes = probes
         self.optimizer = self._build_optimizer()
         self.n_train = len(data.train_x)
         self.total_steps = cfg.total_steps(self.n_train)
         self.steps_per_epoch = cfg.steps_per_epoch(self.n_train)
+        self.eval_plan = EvalPlan.from_config(cfg, data)
+        self._eval_sets: dict[str, tuple[Tensor, Tensor]] = {}
+        # seconds spent in each part of run(): what `bnlab compare` reports as its phases
+        self.timings = {"training": 0.0, "evaluation": 0.0, "probes": 0.0, "checkpoints": 0.0}
         self.step = 0
         self._interval_loss = torch.zeros(self.k, dtype=torch.float64)
         self._interval_steps = 0
@@ -131,15 +214,18 @@ class StackedTrainer:
     # -- batches ------------------------------------------------------------------------------
 
     def batch_indices(self, step: int) -> Tensor:
-        """Indices of the batch for 0-based ``step`` (the last batch of an epoch may be smaller)."""
+        """Indices ``(K, b)`` of each model's batch for 0-based ``step`` (``(1, b)`` with a shared
+        order); the last batch of an epoch may be smaller."""
         epoch, position = divmod(step, self.steps_per_epoch)
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            g = torch.Generator().manual_seed(self.cfg.data_seed * 1_000_003 + epoch)
-            self._epoch_cache = (epoch, torch.randperm(self.n_train, generator=g))
+            seeds = [None] if self.shared_order else self.seeds
+            orders = torch.stack([batch_order(self.cfg.data_seed, s, epoch, self.n_train) for s in seeds])
+            self._epoch_cache = (epoch, orders)
+        orders = self._epoch_cache[1]
         start = position * self.cfg.batch_size
-        idx = self._epoch_cache[1][start : start + self.cfg.batch_size]
-        if len(idx) < 2:  # a 1-example batch has no batch variance: take it from the start instead
-            idx = self._epoch_cache[1][:2]
+        idx = orders[:, start : start + self.cfg.batch_size]
+        if idx.shape[1] < 2:  # a 1-example batch has no batch variance: take it from the start instead
+            idx = orders[:, :2]
         return idx
 
     # -- one step -----------------------------------------------------------------------------
@@ -153,8 +239,8 @@ class StackedTrainer:
             losses = self._forward_backward(idx, share=1.0)
         else:
             # each micro-batch is weighted by its share so the summed gradient is the batch mean's
-            losses = sum(self._forward_backward(chunk, share=len(chunk) / len(idx))
-                         for chunk in idx.chunk(self.cfg.accumulate))
+            losses = sum(self._forward_backward(chunk, share=chunk.shape[1] / idx.shape[1])
+                         for chunk in idx.chunk(self.cfg.accumulate, dim=1))
         self.optimizer.step()
         self.step += 1
         self._interval_loss += losses
@@ -162,23 +248,26 @@ class StackedTrainer:
         return losses
 
     def _forward_backward(self, idx: Tensor, share: float) -> Tensor:
-        """Forward and backward on the examples ``idx``, gradients scaled by ``share``; the weighted losses."""
-        x, y = self.data.train_x[idx], self.data.train_y[idx]
+        """Forward and backward on the examples ``idx`` ``(K or 1, b)``, gradients scaled by ``share``;
+        the weighted losses."""
+        per_model = idx.shape[0] > 1
+        rows = idx.t() if per_model else idx[0]  # (b, K): model k's examples in column k
+        x, y = self.data.train_x[rows], self.data.train_y[rows]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16):
-            logits = self.model(x)
+            logits = self.model(x, per_model=per_model)
         losses = per_model_cross_entropy(logits.float(), y)
         (losses.sum() if share == 1.0 else losses.sum() * share).backward()
         return losses.detach() if share == 1.0 else losses.detach() * share
 
     @torch.no_grad()
-    def evaluate(self, x: Tensor, y: Tensor, chunk: int = 5000) -> tuple[Tensor, Tensor]:
-        """Per-model ``(mean loss, accuracy)`` in eval mode (running statistics)."""
+    def evaluate(self, x: Tensor, y: Tensor, chunk: int = 2500, bf16: bool = False) -> tuple[Tensor, Tensor]:
+        """Per-model ``(mean loss, accuracy)`` in eval mode (running statistics), in float32 unless ``bf16``."""
         self.model.eval()
         loss_sum = torch.zeros(self.k, dtype=torch.float64)
         correct = torch.zeros(self.k, dtype=torch.float64)
         for start in range(0, len(x), chunk):
             xb, yb = x[start : start + chunk], y[start : start + chunk]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 logits = self.model(xb)
             logits = logits.float()
             loss_sum += per_model_cross_entropy(logits, yb).double() * len(xb)
@@ -186,21 +275,44 @@ class StackedTrainer:
         self.model.train()
         return loss_sum / len(x), correct / len(x)
 
+    def _eval_set(self, name: str) -> tuple[Tensor, Tensor]:
+        """The examples an evaluation of kind ``name`` uses, gathered once (see :class:`EvalPlan`)."""
+        if name not in self._eval_sets:
+            plan = self.eval_plan
+            x, y, subset = {"test": (self.data.test_x, self.data.test_y, None),
+                            "test_approx": (self.data.test_x, self.data.test_y, plan.test_subset),
+                            "train_approx": (self.data.train_x, self.data.train_y, plan.train_subset)}[name]
+            self._eval_sets[name] = (x, y) if subset is None else (x[subset].contiguous(), y[subset].contiguous())
+        return self._eval_sets[name]
+
     def eval_metrics(self) -> dict[str, Tensor]:
-        """Metrics recorded at an evaluation step, each a ``(K,)`` tensor."""
-        test_loss, test_acc = self.evaluate(self.data.test_x, self.data.test_y)
-        metrics = {"test_loss": test_loss, "test_acc": test_acc}
+        """Metrics recorded at an evaluation step, each a ``(K,)`` tensor.
+
+        ``test_acc``/``test_loss`` are exact (full test set, float32) at milestones and follow the
+        :class:`EvalPlan` in between; at a milestone of an approximate plan the approximation is
+        also recorded, as ``test_acc_approx``/``test_loss_approx``."""
+        plan = self.eval_plan
+        milestone = self.cfg.is_milestone(self.step, self.total_steps, self.steps_per_epoch)
+        metrics = {}
+        if milestone or not plan.approximate:
+            metrics["test_loss"], metrics["test_acc"] = self.evaluate(*self._eval_set("test"))
+        if plan.approximate:
+            loss, acc = self.evaluate(*self._eval_set("test_approx"), bf16=plan.bf16)
+            suffix = "_approx" if milestone else ""
+            metrics["test_loss" + suffix], metrics["test_acc" + suffix] = loss, acc
         if self._interval_steps:
             metrics["train_loss"] = self._interval_loss / self._interval_steps
         self._interval_loss.zero_()
         self._interval_steps = 0
+        probing = time.perf_counter()
         for probe in self.probes:
             metrics.update(probe(self))
+        self.timings["probes"] += time.perf_counter() - probing
         return metrics
 
     def final_metrics(self) -> dict[str, Tensor]:
-        """Train-set loss and accuracy over the full train set, in eval mode, at the end."""
-        loss, acc = self.evaluate(self.data.train_x, self.data.train_y)
+        """Train-set loss and accuracy in eval mode at the end, as the :class:`EvalPlan` says."""
+        loss, acc = self.evaluate(*self._eval_set("train_approx"), bf16=self.eval_plan.bf16)
         return {"final_train_loss": loss, "final_train_acc": acc}
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -243,14 +355,22 @@ class StackedTrainer:
         stop_flag=None,
     ) -> None:
         """Train to ``total_steps``; raise :class:`StopRequested` after a checkpoint if asked to stop."""
+        timings, clock = self.timings, time.perf_counter
         while self.step < self.total_steps:
+            started = clock()
             self.train_step()
             progress(1)
+            evaluated = clock()
+            timings["training"] += evaluated - started
             if self.cfg.is_eval_step(self.step, self.total_steps):
+                probes_before = timings["probes"]
                 on_eval(self.step, self.eval_metrics())
+                timings["evaluation"] += clock() - evaluated - (timings["probes"] - probes_before)
             stopping = stop_flag is not None and stop_flag.requested
             if stopping or self.step % self.cfg.checkpoint_every == 0:
+                saving = clock()
                 on_checkpoint(self.step)
+                timings["checkpoints"] += clock() - saving
             if stopping:
                 raise StopRequested(f"stopped at step {self.step} of {self.total_steps}")
 

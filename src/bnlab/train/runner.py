@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,6 +39,8 @@ class GroupResult:
     reused: bool
     wall_seconds: float
     steps_per_second: float | None  # None when reused
+    # seconds this call spent per phase: data, setup, training, evaluation, probes, checkpoints
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def group_config(label: str, spec: ModelSpec, cfg: TrainConfig, seeds: list[int]) -> dict:
@@ -92,8 +94,12 @@ def run_group(
                              f"{records[0].pid}; wait for it or stop it first")
         resumable = resumable or (group_id, records)
 
+    clock = time.perf_counter()
     dataset = dataset if dataset is not None else load_dataset(cfg.dataset)
-    trainer = StackedTrainer(spec, cfg, seeds, prepare_data(dataset, cfg, spec), probes)
+    data = prepare_data(dataset, cfg, spec)
+    built = time.perf_counter()
+    trainer = StackedTrainer(spec, cfg, seeds, data, probes)
+    phases = {"data": built - clock, "setup": time.perf_counter() - built}
     if resumable is not None:
         group_id, records = resumable
         run_ids = [r.id for r in sorted(records, key=lambda r: seeds.index(r.seed))]
@@ -105,7 +111,7 @@ def run_group(
         group_id, run_ids = store.create_group(
             key, [(label, s, {**config, "seed": s}) for s in seeds], trainer.total_steps, code_version()
         )
-    return _train(store, trainer, group_id, run_ids, label, progress)
+    return _train(store, trainer, group_id, run_ids, label, progress, phases)
 
 
 def resume(store: RunStore, run_id: str, *, progress: bool = True) -> GroupResult:
@@ -130,7 +136,7 @@ def trained_models(store: RunStore, group_id: str) -> list:
 
 
 def _train(store: RunStore, trainer: StackedTrainer, group_id: str, run_ids: list[str], label: str,
-           progress: bool) -> GroupResult:
+           progress: bool, phases: dict[str, float]) -> GroupResult:
     checkpoint = store.checkpoint_path(group_id)
     start_step, started = trainer.step, time.perf_counter()
     store.mark(group_id, "running", steps_done=trainer.step)
@@ -159,12 +165,18 @@ def _train(store: RunStore, trainer: StackedTrainer, group_id: str, run_ids: lis
         raise
     finally:
         bar.close()
+    measuring = time.perf_counter()
     final = trainer.final_metrics()
     log(trainer.total_steps, final)
+    trainer.timings["evaluation"] += time.perf_counter() - measuring
+    saving = time.perf_counter()
     trainer.save_checkpoint(checkpoint)  # the trained models, for later inspection
+    trainer.timings["checkpoints"] += time.perf_counter() - saving
     elapsed = time.perf_counter() - started
+    phases = {**phases, **trainer.timings}
     for k, run_id in enumerate(run_ids):
-        store.set_summary(run_id, {name: float(v[k]) for name, v in final.items()})
+        store.set_summary(run_id, {**{name: float(v[k]) for name, v in final.items()},
+                                   "evaluation": trainer.eval_plan.describe(), "phases_seconds": phases})
     store.mark(group_id, "finished", steps_done=trainer.step, add_wall_seconds=elapsed)
     rate = (trainer.step - start_step) / elapsed if elapsed > 0 else None
-    return GroupResult(group_id, run_ids, False, elapsed, rate)
+    return GroupResult(group_id, run_ids, False, elapsed, rate, phases)
