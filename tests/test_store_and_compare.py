@@ -157,7 +157,7 @@ def test_compare_end_to_end_writes_a_report(tmp_path):
     store = RunStore(tmp_path / "runs.sqlite")
     request = CompareRequest(preset="torch-mlp", seeds=3, epochs=1)
     summary = run_compare(request, store, progress=False, dataset=fake_dataset(n_train=320, n_test=100))
-    assert set(summary["variants"]) == {"no BN", "BN"}
+    assert set(summary["variants"]) == {"no norm", "BN"}
     for variant in summary["variants"].values():
         assert len(variant["per_seed"]) == 3
         acc = variant["aggregate"]["final_test_acc"]

@@ -260,8 +260,11 @@ class StackedTrainer:
         return losses.detach() if share == 1.0 else losses.detach() * share
 
     @torch.no_grad()
-    def evaluate(self, x: Tensor, y: Tensor, chunk: int = 2500, bf16: bool = False) -> tuple[Tensor, Tensor]:
-        """Per-model ``(mean loss, accuracy)`` in eval mode (running statistics), in float32 unless ``bf16``."""
+    def evaluate(self, x: Tensor, y: Tensor, chunk: int = 1000, bf16: bool = False) -> tuple[Tensor, Tensor]:
+        """Per-model ``(mean loss, accuracy)`` in eval mode (running statistics), in float32 unless ``bf16``.
+
+        ``chunk`` rows at a time: 1000 was the fastest here for bf16 and within 4% of the best for
+        float32 (K=8 torch-mlp), as the activations of a chunk stay in cache."""
         self.model.eval()
         loss_sum = torch.zeros(self.k, dtype=torch.float64)
         correct = torch.zeros(self.k, dtype=torch.float64)

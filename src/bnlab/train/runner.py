@@ -130,7 +130,8 @@ def trained_models(store: RunStore, group_id: str) -> list:
 
     config = store.runs(group_id=group_id)[0].config
     spec = ModelSpec.from_dict(config["model"])
-    stacked = StackedModel([build_model(spec, seed=s) for s in config["seeds"]])
+    shared = TrainConfig.from_dict(config["train"]).data_order == "shared"  # the first layer's weight layout
+    stacked = StackedModel([build_model(spec, seed=s) for s in config["seeds"]], shared_input=shared)
     stacked.load_state_dict(torch.load(store.checkpoint_path(group_id), weights_only=False)["model"])
     return stacked.write_back()
 
