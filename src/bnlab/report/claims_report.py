@@ -61,7 +61,10 @@ def render_markdown(results: dict[str, ClaimResult], plot_prefix: str = "") -> s
         if r is None:
             lines += ["", "Not run yet: `bnlab claims run " + claim.name + "`."]
             continue
-        lines += ["", f"*Protocol ({r.protocol}, {r.seeds} seeds):* {r.protocol_text}.", "",
+        batches = ("each seed drew its own batch order" if r.data_order == "per_seed" else
+                   "all seeds saw the same batches (made before per-seed batch orders), so the intervals "
+                   "cover initialization and dropout only")
+        lines += ["", f"*Protocol ({r.protocol}, {r.seeds} seeds; {batches}):* {r.protocol_text}.", "",
                   f"*Statistic:* {r.statistic}.", "", *_number_lines(r.numbers), "",
                   f"**Verdict: {r.verdict}**, because {r.reason}.", ""]
         lines += [f"![{claim.name}]({plot_prefix}{Path(p).name})" for p in r.plots]

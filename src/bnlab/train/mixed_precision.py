@@ -21,6 +21,7 @@ evaluation are unchanged, and the optimizer's state dict is torch's own.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -42,8 +43,16 @@ def master_weight_kernels_available() -> bool:
                            cflags=("-ffp-contract=off",))
 
 
-class MasterWeightOptimizer:
+class MasterWeightOptimizer(torch.optim.Optimizer):
     """Wraps a torch SGD or Adam optimizer over a model whose large layers compute with bf16 shadows.
+
+    It is a ``torch.optim.Optimizer`` to everything that drives one, such as the LR schedulers of
+    ``torch.optim.lr_scheduler``: ``param_groups``, ``state`` and ``defaults`` *are* the wrapped
+    optimizer's (the same objects, also after ``load_state_dict`` replaces them), so a scheduler's
+    change of ``lr``, ``momentum`` or ``betas`` reaches both the wrapped optimizer and the compiled
+    master-weight step, which reads them from the param group at every step. ``step`` carries
+    torch's step hooks (``register_step_pre_hook``/``register_step_post_hook``) and the patch a
+    scheduler puts on it to see that the optimizer stepped first.
 
     Args:
         inner: ``torch.optim.SGD`` (no dampening, no Nesterov) or ``torch.optim.Adam`` (no
@@ -54,7 +63,9 @@ class MasterWeightOptimizer:
             which gets the shadow.
     """
 
-    def __init__(self, inner: torch.optim.Optimizer, layers: list[nn.Module]):
+    # Optimizer.__init__ is not called: it would build new param groups (and refuse parameters
+    # already in ``inner``), where a scheduler must see and change the wrapped optimizer's own.
+    def __init__(self, inner: torch.optim.Optimizer, layers: list[nn.Module]):  # noqa: super-init-not-called
         # exact types: AdamW is an Adam subclass with another weight decay
         if type(inner) not in (torch.optim.SGD, torch.optim.Adam):
             raise TypeError(f"master weights support torch.optim.SGD and Adam, not {type(inner).__name__}")
@@ -67,22 +78,39 @@ class MasterWeightOptimizer:
             raise ValueError(f"master-weight {type(inner).__name__} does not support {', '.join(unsupported)}")
         self.inner = inner
         self.layers = list(layers)
+        # the per-instance attributes Optimizer.__init__ would set, but for the groups and state
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._warned_capturable_if_run_uncaptured = True
+        self._patch_step_function()  # step runs the step hooks, as every torch optimizer's does
         for layer in self.layers:
             layer.compute_weight = layer.weight.detach().to(torch.bfloat16).requires_grad_(True)
             layer.compute_weight_version = layer.weight._version
+
+    # Properties, not copies: inner.load_state_dict replaces its param_groups and state objects.
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.inner.param_groups
+
+    @property
+    def state(self):
+        return self.inner.state
+
+    @property
+    def defaults(self) -> dict:
+        return self.inner.defaults
 
     @property
     def pairs(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """``(float32 weight, bf16 shadow)`` of every shadowed layer."""
         return [(layer.weight, layer.compute_weight) for layer in self.layers]
 
-    @property
-    def param_groups(self):
-        return self.inner.param_groups
-
-    @property
-    def state(self):
-        return self.inner.state
+    def add_param_group(self, param_group: dict) -> None:
+        raise ValueError("master weights expect a single parameter group")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
@@ -90,8 +118,13 @@ class MasterWeightOptimizer:
             shadow.grad = None
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         self.inner.step()  # everything but the shadowed weights
+        # read at every step: a scheduler changes lr (and momentum or betas) in this dict
         group = self.inner.param_groups[0]
         sgd = isinstance(self.inner, torch.optim.SGD)
         for layer, (master, shadow) in zip(self.layers, self.pairs):
@@ -107,6 +140,7 @@ class MasterWeightOptimizer:
             # master's version, under which the shadow is its rounding.
             torch.autograd.graph.increment_version([master, shadow])
             layer.compute_weight_version = master._version
+        return loss
 
     def detach_shadows(self) -> None:
         """Stop the layers from computing with the shadows (before this optimizer is replaced)."""
@@ -115,13 +149,13 @@ class MasterWeightOptimizer:
 
     @staticmethod
     def _sgd_step(master, shadow, state, group) -> None:
-        momentum = group["momentum"]
+        momentum = float(group["momentum"])
         buffer = state.get("momentum_buffer")
         first = buffer is None
         if momentum != 0 and first:
             buffer = state["momentum_buffer"] = torch.empty_like(master, memory_format=torch.preserve_format)
         torch.ops.bnlab_train.sgd_master_step(master, buffer if momentum != 0 else None, shadow.grad, shadow,
-                                              float(group["lr"]), momentum, group["weight_decay"], first)
+                                              float(group["lr"]), momentum, float(group["weight_decay"]), first)
 
     @staticmethod
     def _adam_step(master, shadow, state, group) -> None:
@@ -132,13 +166,31 @@ class MasterWeightOptimizer:
         state["step"] += 1
         beta1, beta2 = group["betas"]
         torch.ops.bnlab_train.adam_master_step(master, state["exp_avg"], state["exp_avg_sq"], shadow.grad, shadow,
-                                               float(group["lr"]), beta1, beta2, group["eps"],
-                                               group["weight_decay"], int(state["step"].item()))
+                                               float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
+                                               float(group["weight_decay"]), int(state["step"].item()))
 
     def state_dict(self) -> dict:
-        return self.inner.state_dict()
+        """The wrapped optimizer's state dict (torch's own layout), through this optimizer's hooks."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = self.inner.state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            state_dict = post_hook(self, state_dict) or state_dict
+        return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
         # Weights loaded into the model bump their version counters, so each layer re-rounds its
         # shadow on its next training forward (bnlab.models.fused._training_weight): nothing to do here.
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = pre_hook(self, state_dict) or state_dict
         self.inner.load_state_dict(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    # Optimizer's own pickling keeps only defaults, state and param_groups, which here belong to
+    # ``inner``; keep the wrapper's attributes instead (but not a scheduler's patch of ``step``).
+    def __getstate__(self) -> dict:
+        return {key: value for key, value in self.__dict__.items() if key != "step"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)

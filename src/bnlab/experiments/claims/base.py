@@ -48,6 +48,7 @@ class ClaimContext:
     out_dir: Path  # plots go here
     progress: bool = True
     datasets: dict[str, Dataset] = field(default_factory=dict)  # injected in tests; loaded lazily otherwise
+    data_orders: set[str] = field(default_factory=set)  # of the arms trained so far
 
     def dataset(self, name: str) -> Dataset:
         if name not in self.datasets:
@@ -63,6 +64,7 @@ class ClaimContext:
         """
         result = run_group(self.store, f"claim:{claim}/{arm.label}", arm.spec, arm.cfg, list(range(self.seeds)),
                            dataset=self.dataset(arm.cfg.dataset), probes=probes, progress=self.progress)
+        self.data_orders.add(self.store.run(result.run_ids[0]).config["train"]["data_order"])
         return {**summarise_group(self.store, result, all_series=True), "label": arm.label}
 
     @property
@@ -84,6 +86,9 @@ class ClaimResult:
     runs: dict[str, list[str]]  # arm label -> run ids
     wall_seconds: float
     code_version: str = field(default_factory=code_version)
+    # "per_seed" when every arm gave each seed its own batch order; "shared" when all seeds saw the
+    # same batches, so the CIs cover initialization only (every result made before 2026-12-02)
+    data_order: str = "shared"
 
     def __post_init__(self):
         if self.verdict not in VERDICTS:
@@ -130,8 +135,10 @@ class Claim:
 
     def execute(self, ctx: ClaimContext) -> ClaimResult:
         started = time.perf_counter()
+        ctx.data_orders.clear()
         result = self.run(ctx)
         result.wall_seconds = time.perf_counter() - started
+        result.data_order = "per_seed" if ctx.data_orders == {"per_seed"} else "shared"
         result.save(ctx.store.path.parent / "claims")
         return result
 
