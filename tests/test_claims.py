@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from bnlab.cli.main import main
@@ -9,7 +11,8 @@ from bnlab.experiments.claims import CLAIMS, ClaimContext, ClaimResult, compare_
 from bnlab.experiments.claims import catalog
 from bnlab.report.claims_report import load_results, render_markdown, write_claims_report
 from bnlab.stats import Interval
-from bnlab.store import RunStore
+from bnlab.store import RunStore, StoreError
+from bnlab.train.runner import resume
 from fakes import fake_dataset
 
 
@@ -73,10 +76,32 @@ def test_each_claim_runs_end_to_end_on_synthetic_data(name, tmp_path, tiny_proto
     assert all((tmp_path / "plots" / p.split("/")[-1]).exists() for p in result.plots)
     saved = ClaimResult.load(tmp_path / "claims" / f"{name}.quick.json")
     assert saved.numbers == result.numbers or saved.verdict == result.verdict
-    # a rerun reuses every finished arm: no new runs appear (claim 11's short fine-tuning runs are not stored)
+    # a rerun reuses every finished arm, claim 11's fine-tuning runs included: no new runs appear
     before = len(store.runs())
-    CLAIMS[name].execute(ctx)
-    assert len(store.runs()) == before
+    again = CLAIMS[name].execute(ctx)
+    assert len(store.runs()) == before and again.numbers == result.numbers
+    assert result.data_order == "per_seed" and "each seed drew its own batch order" in render_markdown({name: result})
+
+
+def test_fine_tuning_runs_start_from_the_pretrained_checkpoint_and_are_stored(tmp_path, tiny_protocols):
+    store = RunStore(tmp_path / "runs.sqlite")
+    ctx = ClaimContext(store=store, quick=True, seeds=2, out_dir=tmp_path / "plots", progress=False,
+                       datasets={"mnist": fake_dataset(n_train=128, n_test=100),
+                                 "fashion": fake_dataset(n_train=128, n_test=100, name="fashion")})
+    result = CLAIMS["frozen-transfer"].execute(ctx)
+    pretrained = store.run(result.runs["pretrained torch-mlp/BN"][0])
+    tuned = store.run(result.runs["fine-tune/frozen"][0])
+    assert tuned.config["start_from"] == {"group": pretrained.group_id, "prepare": "BN frozen"}
+    assert tuned.config["train"]["dataset"] == "fashion" and tuned.status == "finished"
+    store.mark(tuned.group_id, "interrupted")
+    with pytest.raises(StoreError, match="rerun the command that made it"):
+        resume(store, tuned.id)
+    # a legacy result file (no data_order) reads as shared batches
+    legacy = tmp_path / "legacy.json"
+    fields = {k: v for k, v in json.loads((tmp_path / "claims" / "frozen-transfer.quick.json").read_text()).items()
+              if k != "data_order"}
+    legacy.write_text(json.dumps(fields))
+    assert ClaimResult.load(legacy).data_order == "shared"
 
 
 def test_train_vs_eval_statistic_on_a_known_case(tmp_path, tiny_protocols):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from bnlab.store import RunStore, StoreError, config_key
 from bnlab.train.config import TrainConfig
 from bnlab.train.engine import Probe, StackedTrainer, StopRequested, graceful_stop, prepare_data
 
-__all__ = ["GroupResult", "run_group", "resume", "trained_models", "group_config", "code_version"]
+__all__ = ["GroupResult", "StartFrom", "run_group", "resume", "trained_models", "group_config", "code_version"]
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,31 @@ class GroupResult:
     phases: dict[str, float] = field(default_factory=dict)
 
 
-def group_config(label: str, spec: ModelSpec, cfg: TrainConfig, seeds: list[int]) -> dict:
-    return {"label": label, "model": spec.to_dict(), "train": cfg.to_dict(), "seeds": list(seeds)}
+@dataclass(frozen=True)
+class StartFrom:
+    """Start a group from the trained models of another, finished group (fine-tuning), then prepare them.
+
+    Attributes:
+        group_id: the finished group whose checkpoint holds the starting weights (same model
+            architecture and seeds).
+        name: what ``prepare`` does, in words; with ``group_id`` it is part of the group's identity,
+            so a rerun with the same start and preparation reuses the stored runs.
+        prepare: ``prepare(trainer)`` after the weights are loaded and before training, e.g.
+            ``freeze_batchnorm(trainer.model)`` then ``trainer.reset_optimizer()``. When the group
+            resumes, it runs again before the checkpoint is loaded, so the structure matches.
+    """
+
+    group_id: str
+    name: str = "as trained"
+    prepare: Callable[[StackedTrainer], None] | None = None
+
+
+def group_config(label: str, spec: ModelSpec, cfg: TrainConfig, seeds: list[int],
+                 start_from: StartFrom | None = None) -> dict:
+    config = {"label": label, "model": spec.to_dict(), "train": cfg.to_dict(), "seeds": list(seeds)}
+    if start_from is not None:
+        config["start_from"] = {"group": start_from.group_id, "prepare": start_from.name}
+    return config
 
 
 _CODE_VERSION: str | None = None
@@ -77,8 +101,9 @@ def run_group(
     dataset: Dataset | None = None,
     probes: tuple[Probe, ...] = (),
     progress: bool = True,
+    start_from: StartFrom | None = None,
 ) -> GroupResult:
-    config = group_config(label, spec, cfg, seeds)
+    config = group_config(label, spec, cfg, seeds, start_from)
     key = config_key(config)
     groups: dict[str, list] = {}
     for record in store.runs(group_key=key):
@@ -99,6 +124,13 @@ def run_group(
     data = prepare_data(dataset, cfg, spec)
     built = time.perf_counter()
     trainer = StackedTrainer(spec, cfg, seeds, data, probes)
+    if start_from is not None:
+        start = store.checkpoint_path(start_from.group_id)
+        if not start.exists():
+            raise StoreError(f"group {start_from.group_id} has no checkpoint to start {label} from; train it first")
+        trainer.model.load_state_dict(torch.load(start, weights_only=False)["model"])
+        if start_from.prepare is not None:
+            start_from.prepare(trainer)
     phases = {"data": built - clock, "setup": time.perf_counter() - built}
     if resumable is not None:
         group_id, records = resumable
@@ -120,6 +152,9 @@ def resume(store: RunStore, run_id: str, *, progress: bool = True) -> GroupResul
     if record.effective_status == "finished":
         raise StoreError(f"run {record.id} already finished; nothing to resume")
     c = record.config
+    if "start_from" in c:
+        raise StoreError(f"run {record.id} was fine-tuned from group {c['start_from']['group']} "
+                         f"({c['start_from']['prepare']}); rerun the command that made it to resume it")
     return run_group(store, c["label"], ModelSpec.from_dict(c["model"]), TrainConfig.from_dict(c["train"]),
                      c["seeds"], progress=progress)
 

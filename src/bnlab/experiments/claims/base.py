@@ -55,15 +55,17 @@ class ClaimContext:
             self.datasets[name] = load_dataset(name)
         return self.datasets[name]
 
-    def train(self, claim: str, arm: Arm, probes: tuple = ()) -> dict:
+    def train(self, claim: str, arm: Arm, probes: tuple = (), start_from=None) -> dict:
         """Train (or reuse) ``arm`` on seeds 0..seeds-1; return :func:`summarise_group`'s summary.
 
         ``probes`` add metric series (see :mod:`bnlab.probes`). They never change the training, so
         they are not part of the arm's identity: a finished arm is reused with the series it was
         first trained with, and a claim that needs probe series should name its arms uniquely.
+        ``start_from`` (:class:`bnlab.train.runner.StartFrom`) fine-tunes another group's models.
         """
         result = run_group(self.store, f"claim:{claim}/{arm.label}", arm.spec, arm.cfg, list(range(self.seeds)),
-                           dataset=self.dataset(arm.cfg.dataset), probes=probes, progress=self.progress)
+                           dataset=self.dataset(arm.cfg.dataset), probes=probes, progress=self.progress,
+                           start_from=start_from)
         self.data_orders.add(self.store.run(result.run_ids[0]).config["train"]["data_order"])
         return {**summarise_group(self.store, result, all_series=True), "label": arm.label}
 

@@ -11,8 +11,8 @@ from bnlab.models import PRESETS, ModelSpec
 from bnlab.probes import gradient_ics, landscape, loss_surface, preactivation_percentiles
 from bnlab.report.plots import accuracy_and_percentiles, bars_with_ci, lines_with_ci, loss_contours
 from bnlab.stats import first_step_reaching, mean_ci, welch_diff
-from bnlab.train import StackedTrainer, TrainConfig, prepare_data
-from bnlab.train.runner import trained_models
+from bnlab.train import TrainConfig, prepare_data
+from bnlab.train.runner import StartFrom, trained_models
 
 __all__ = ["CLAIMS"]
 
@@ -592,21 +592,19 @@ def _reestimate_statistics(model: torch.nn.Module, x: torch.Tensor, batches: int
         m.momentum = momentum
 
 
-def _finetune_accuracy(ctx, spec, cfg, pretrained_group: str, treatment: str) -> list[float]:
+def _finetune(ctx, spec, cfg, pretrained_group: str, treatment: str) -> dict:
+    """Claim 1's MNIST models fine-tuned on Fashion-MNIST with one BN treatment, through the run store."""
     from bnlab.nn import freeze_batchnorm
 
-    data = prepare_data(ctx.dataset("fashion"), cfg, spec)
-    trainer = StackedTrainer(spec, cfg, list(range(ctx.seeds)), data)
-    pretrained = torch.load(ctx.store.checkpoint_path(pretrained_group), weights_only=False)
-    trainer.model.load_state_dict(pretrained["model"])
-    if treatment == "re-estimated, then frozen":
-        _reestimate_statistics(trainer.model, data.train_x, REESTIMATE_BATCHES, cfg.batch_size)
-    if treatment != "updating":
-        freeze_batchnorm(trainer.model)
-        trainer.reset_optimizer()  # the frozen affine is not trained
-    trainer.run()
-    _, acc = trainer.evaluate(data.test_x, data.test_y)
-    return acc.tolist()
+    def prepare(trainer) -> None:
+        if treatment == "re-estimated, then frozen":
+            _reestimate_statistics(trainer.model, trainer.data.train_x, REESTIMATE_BATCHES, cfg.batch_size)
+        if treatment != "updating":
+            freeze_batchnorm(trainer.model)
+            trainer.reset_optimizer()  # the frozen affine is not trained
+
+    start = StartFrom(pretrained_group, f"BN {treatment}", prepare)
+    return ctx.train("frozen-transfer", Arm(f"fine-tune/{treatment}", spec, cfg), start_from=start)
 
 
 def _frozen_transfer(ctx: ClaimContext) -> ClaimResult:
@@ -616,7 +614,8 @@ def _frozen_transfer(ctx: ClaimContext) -> ClaimResult:
     steps = FINETUNE_STEPS[ctx.protocol_name]
     tune_cfg = cfg.with_(dataset="fashion", epochs=None, steps=steps, eval_every=steps)
     treatments = ("updating", "frozen", "re-estimated, then frozen")
-    accs = {t: _finetune_accuracy(ctx, spec, tune_cfg, pretrained["group_id"], t) for t in treatments}
+    tuned = {t: _finetune(ctx, spec, tune_cfg, pretrained["group_id"], t) for t in treatments}
+    accs = {t: _values(summary, "final_test_acc") for t, summary in tuned.items()}
     gain = welch_diff(accs["frozen"], accs["updating"])
     where = compare_interval(gain, margin=0.005)
     verdict, reason = _verdict(where, "fine-tuning with frozen BN beats letting BN update by more than 0.5 points (CI)",
@@ -632,11 +631,13 @@ def _frozen_transfer(ctx: ClaimContext) -> ClaimResult:
     protocol = (f"claim 1's torch-mlp BN models (MNIST, {f'{QUICK_EPOCHS} epoch' if ctx.quick else '5 epochs'}) "
                 f"fine-tuned on Fashion-MNIST for {steps} steps (SGD lr 0.01, momentum 0.9, batch 64), all weights "
                 "trainable, with BN updating, BN frozen (freeze_batchnorm), or BN statistics re-estimated on "
-                f"{REESTIMATE_BATCHES} Fashion batches then frozen. The fine-tuning runs are short and are not kept in "
-                "the run store (rerunning repeats them)")
+                f"{REESTIMATE_BATCHES} Fashion batches then frozen; the fine-tuning runs start from claim 1's "
+                "checkpoint and are kept in the run store")
     return ClaimResult("frozen-transfer", ctx.protocol_name, protocol, ctx.seeds, "Fashion-MNIST test accuracy",
-                       numbers, verdict, reason, [plot], {"pretrained torch-mlp/BN": [r["run_id"] for r in
-                                                                                       pretrained["per_seed"]]}, 0.0)
+                       numbers, verdict, reason, [plot],
+                       {"pretrained torch-mlp/BN": [r["run_id"] for r in pretrained["per_seed"]],
+                        **{f"fine-tune/{t}": [r["run_id"] for r in summary["per_seed"]] for t, summary in tuned.items()}},
+                       0.0)
 
 
 # -- 12. Gradient accumulation as a small-batch remedy --------------------------------------------------------
