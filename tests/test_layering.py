@@ -1,4 +1,4 @@
-"""Lower layers never import higher ones: library <- lab <- interfaces."""
+"""Lower layers never import higher ones: base <- library <- lab <- interfaces."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "bnlab"
 LAYERS = {
+    "base": ["_paths"],  # stdlib-only helpers (bnlab/_paths.py) that every layer may use
     "library": ["functional", "nn", "reference"],
     "lab": ["data", "models", "train", "store", "stats", "experiments", "report", "probes"],
     "interface": ["cli", "web"],

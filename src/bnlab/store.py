@@ -25,6 +25,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bnlab._paths import user_data_path
+
 __all__ = ["RunStore", "RunRecord", "default_store_path", "config_key", "StoreError"]
 
 SCHEMA = """
@@ -70,10 +72,7 @@ class StoreError(RuntimeError):
 
 def default_store_path() -> Path:
     """``$BNLAB_STORE``, else ``$XDG_DATA_HOME/bnlab/runs.sqlite``, else ``~/.local/share/bnlab/runs.sqlite``."""
-    if os.environ.get("BNLAB_STORE"):
-        return Path(os.environ["BNLAB_STORE"]).expanduser()
-    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(base) / "bnlab" / "runs.sqlite"
+    return user_data_path("runs.sqlite", env="BNLAB_STORE")
 
 
 def config_key(config: dict) -> str:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bnlab._paths import user_cache_path
 from bnlab.data.idx import IdxError, parse_idx, read_bytes
 
 __all__ = ["DatasetSpec", "Dataset", "DATASETS", "DataUnavailableError", "load_dataset", "default_data_dir"]
@@ -140,10 +141,7 @@ class Dataset:
 
 def default_data_dir() -> Path:
     """``$BNLAB_DATA``, else ``$XDG_CACHE_HOME/bnlab/data``, else ``~/.cache/bnlab/data``."""
-    if os.environ.get("BNLAB_DATA"):
-        return Path(os.environ["BNLAB_DATA"]).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "bnlab" / "data"
+    return user_cache_path("data", env="BNLAB_DATA")
 
 
 def _stderr(message: str) -> None:

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from bnlab._paths import user_cache_path
+
 __all__ = ["load_kernels", "build_extension"]
 
 _SOURCES = [Path(__file__).parent / "csrc" / "ghost_batch_norm.cpp"]
@@ -52,10 +54,8 @@ def _cpu_signature() -> str:
 
 
 def _cache_dir() -> Path:
-    if os.environ.get("BNLAB_KERNEL_CACHE"):
-        return Path(os.environ["BNLAB_KERNEL_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "bnlab" / "kernels"
+    """``$BNLAB_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/bnlab/kernels``, else ``~/.cache/bnlab/kernels``."""
+    return user_cache_path("kernels", env="BNLAB_KERNEL_CACHE")
 
 
 def _ensure_ninja_on_path() -> None:

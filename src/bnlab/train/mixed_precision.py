@@ -65,7 +65,7 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
 
     # Optimizer.__init__ is not called: it would build new param groups (and refuse parameters
     # already in ``inner``), where a scheduler must see and change the wrapped optimizer's own.
-    def __init__(self, inner: torch.optim.Optimizer, layers: list[nn.Module]):  # noqa: super-init-not-called
+    def __init__(self, inner: torch.optim.Optimizer, layers: list[nn.Module]):
         # exact types: AdamW is an Adam subclass with another weight decay
         if type(inner) not in (torch.optim.SGD, torch.optim.Adam):
             raise TypeError(f"master weights support torch.optim.SGD and Adam, not {type(inner).__name__}")
@@ -175,14 +175,18 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
             pre_hook(self)
         state_dict = self.inner.state_dict()
         for post_hook in self._optimizer_state_dict_post_hooks.values():
-            state_dict = post_hook(self, state_dict) or state_dict
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
         # Weights loaded into the model bump their version counters, so each layer re-rounds its
         # shadow on its next training forward (bnlab.models.fused._training_weight): nothing to do here.
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            state_dict = pre_hook(self, state_dict) or state_dict
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         self.inner.load_state_dict(state_dict)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
