@@ -6,7 +6,7 @@ Two peers, each doing the same work as `bnlab compare` (both variants, the same 
   batch 64, one test evaluation per epoch), looped over variants and seeds in one process;
 * keras-mlp: seed 000's recipe in real Keras 3 with the torch backend (`peers/seed000_keras.py`,
   `model.fit` with validation on the test set each epoch). Keras costs ~10 s per model-epoch here,
-  so it runs on `--peer-seeds` seeds (default 1); throughput is compared per model-epoch.
+  so it runs on `--keras-seeds` seeds (default 3); throughput is compared per model-epoch.
 
 Every contender runs as its own process, one after another (two torch processes at once stall each
 other on 2 cores), timed from process start to exit: interpreter start-up, imports, data loading,
@@ -125,7 +125,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--peer-seeds", type=int, default=None,
-                        help="seeds per variant for the peer (default: --seeds for the torch loop, 1 for Keras)")
+                        help="seeds per variant for seed 003's loop (default: --seeds)")
+    parser.add_argument("--keras-seeds", type=int, default=3,
+                        help="seeds per variant for Keras fit, ~10 s per model-epoch (default: 3)")
     parser.add_argument("--no-bf16", dest="bf16_too", action="store_false", help="skip bnlab --bf16")
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
     args = parser.parse_args()
@@ -141,7 +143,7 @@ def main() -> None:
                     args.bf16_too, Path(tmp), report)
         if args.recipe in ("keras-mlp", "both"):
             epochs = max(1, round(args.epochs))  # Keras' fit takes whole epochs
-            compare("keras-mlp", "seed000_keras.py", args.peer_seeds or 1, args.seeds, epochs, False,
+            compare("keras-mlp", "seed000_keras.py", args.keras_seeds, args.seeds, epochs, False,
                     Path(tmp), report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

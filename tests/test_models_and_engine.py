@@ -432,3 +432,29 @@ def test_master_weights_refuse_optimizers_they_do_not_implement():
         MasterWeightOptimizer(torch.optim.AdamW(layer.parameters()), [])
     with pytest.raises(ValueError, match="nesterov"):
         MasterWeightOptimizer(torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9, nesterov=True), [])
+
+
+def test_evaluation_reuses_the_first_layer_copy_only_inside_one_evaluation():
+    """A per-model first layer evaluated on a shared batch makes its wide weight copy once per
+    evaluation; after the block, a weight change (an optimizer step) or a swapped-in weight
+    (functional_call) must not meet a stale copy."""
+    spec = TINY_MLP
+    stacked = StackedModel([build_model(spec, seed=s) for s in (0, 1)], shared_input=False).eval()
+    separate = [build_model(spec, seed=s).eval() for s in (0, 1)]
+    x = torch.randn(6, 784)
+    with torch.no_grad():
+        with stacked.reusing_weights():
+            first = stacked(x[:3]).clone()
+            assert stacked.layers[1]._wide_cache  # made once for the block
+            first = torch.cat([first, stacked(x[3:])])
+        assert stacked.layers[1]._wide_cache is None
+        for k, model in enumerate(separate):
+            torch.testing.assert_close(first[:, k], model(x), rtol=1e-5, atol=1e-5)
+        stacked.layers[1].weight.mul_(2.0)
+        separate[0][1].weight.mul_(2.0)
+        with stacked.reusing_weights():
+            second = stacked(x)
+        torch.testing.assert_close(second[:, 0], separate[0](x), rtol=1e-5, atol=1e-5)
+        swapped = {n: p * 0.5 for n, p in stacked.named_parameters()}
+        third = torch.func.functional_call(stacked, {**swapped, **dict(stacked.named_buffers())}, (x,))
+    assert not torch.allclose(second, third)

@@ -24,6 +24,7 @@ not bitwise, to a separate run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -61,6 +62,7 @@ class StackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.stack([l.bias.detach() for l in layers]).clone()) if has_bias else None
         self.compute_weight: Tensor | None = None  # see _training_weight
         self.compute_weight_version = -1
+        self._wide_cache: dict | None = None  # see _wide_weight
 
     def forward(self, x: Tensor) -> Tensor:
         weight = _training_weight(self)
@@ -68,9 +70,9 @@ class StackedLinear(nn.Module):
             if self.shared_input:
                 inp, k, out = weight.shape
                 wide = weight.view(inp, k * out)
-            else:  # a per-model first layer evaluated on a shared batch: one copy of W per call
+            else:  # a per-model first layer evaluated on a shared batch (the test set)
                 k, inp, out = weight.shape
-                wide = weight.transpose(0, 1).reshape(inp, k * out)
+                wide = self._wide_weight(weight)
             y = x @ wide
             if self.bias is not None:
                 y = y + self.bias.view(k * out)
@@ -83,6 +85,21 @@ class StackedLinear(nn.Module):
         else:
             y = torch.baddbmm(self.bias.unsqueeze(1), xk, weight)
         return y.transpose(0, 1).contiguous()  # (B, K, out): the next norm views it as (B, K*out)
+
+    def _wide_weight(self, weight: Tensor) -> Tensor:
+        """``(K, in, out)`` as one ``(in, K*out)`` matrix, in the dtype the matmul will use.
+
+        Inside :meth:`StackedModel.reusing_weights` (an evaluation going through the test set in
+        chunks, weights fixed) the copy is made once and reused; otherwise it is made per call.
+        (Version counters cannot tell when to remake it: torch's fused optimizers update weights
+        without bumping them.)"""
+        k, inp, out = weight.shape
+        if self._wide_cache is None:
+            return weight.transpose(0, 1).reshape(inp, k * out)
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+        if dtype not in self._wide_cache:
+            self._wide_cache[dtype] = weight.transpose(0, 1).reshape(inp, k * out).to(dtype)
+        return self._wide_cache[dtype]
 
     def unstacked(self, k: int) -> dict[str, Tensor]:
         w = self.weight[:, k] if self.shared_input else self.weight[k]
@@ -279,6 +296,19 @@ class StackedModel(nn.Module):
                 x = x.flatten(1, 2)
             x = layer(x)
         return x
+
+    @contextlib.contextmanager
+    def reusing_weights(self):
+        """Within this block the weights do not change (an evaluation): layers may reuse what they
+        derive from them, such as the first layer's wide copy for a shared input."""
+        layers = [m for m in self.modules() if isinstance(m, StackedLinear)]
+        for layer in layers:
+            layer._wide_cache = {}
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer._wide_cache = None
 
     @torch.no_grad()
     def write_back(self) -> list[nn.Sequential]:

@@ -268,13 +268,13 @@ class StackedTrainer:
         self.model.eval()
         loss_sum = torch.zeros(self.k, dtype=torch.float64)
         correct = torch.zeros(self.k, dtype=torch.float64)
-        for start in range(0, len(x), chunk):
-            xb, yb = x[start : start + chunk], y[start : start + chunk]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits = self.model(xb)
-            logits = logits.float()
-            loss_sum += per_model_cross_entropy(logits, yb).double() * len(xb)
-            correct += (logits.argmax(dim=2) == yb.unsqueeze(1)).sum(dim=0).double()
+        with self.model.reusing_weights():
+            for start in range(0, len(x), chunk):
+                xb, yb = x[start : start + chunk], y[start : start + chunk]
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    logits = self.model(xb).float()
+                loss_sum += per_model_cross_entropy(logits, yb).double() * len(xb)
+                correct += (logits.argmax(dim=2) == yb.unsqueeze(1)).sum(dim=0).double()
         self.model.train()
         return loss_sum / len(x), correct / len(x)
 
