@@ -79,7 +79,7 @@ class TrainConfig:
     data_seed: int = 0
     data_order: str = "per_seed"
     eval_subset: int = 2000
-    eval_train_subset: int = 20000
+    eval_train_subset: int = 10000
     eval_bf16: bool = field(default_factory=native_bf16)
     bf16: bool = False
     checkpoint_every: int = 500
