@@ -251,8 +251,13 @@ class StackedTrainer:
         """Forward and backward on the examples ``idx`` ``(K or 1, b)``, gradients scaled by ``share``;
         the weighted losses."""
         per_model = idx.shape[0] > 1
-        rows = idx.t() if per_model else idx[0]  # (b, K): model k's examples in column k
-        x, y = self.data.train_x[rows], self.data.train_y[rows]
+        if per_model:
+            # gathered model-major, (K, b, ...), and viewed as (b, K, ...): each model's batch is then
+            # one contiguous matrix, which the first layer's batched matmul (and its weight gradient)
+            # reads at full speed; gathered batch-major it ran ~2x slower here
+            x, y = self.data.train_x[idx].transpose(0, 1), self.data.train_y[idx].t()
+        else:
+            x, y = self.data.train_x[idx[0]], self.data.train_y[idx[0]]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16):
             logits = self.model(x, per_model=per_model)
         losses = per_model_cross_entropy(logits.float(), y)
