@@ -156,7 +156,8 @@ def test_legacy_runs_are_marked_as_shared_batches_and_keep_their_group(tmp_path)
     spec, cfg = ModelSpec(hidden=(8,)), TrainConfig(epochs=1)
     legacy_train = {k: v for k, v in cfg.to_dict().items()
                     if k not in ("data_order", "eval_subset", "eval_train_subset", "eval_bf16")}
-    config = {"label": "old", "model": spec.to_dict(), "train": legacy_train, "seeds": [0]}
+    legacy_model = {k: v for k, v in spec.to_dict().items() if k not in ("norm_momentum", "norm_eps")}
+    config = {"label": "old", "model": legacy_model, "train": legacy_train, "seeds": [0]}
     store.create_group(config_key(config), [("old", 0, {**config, "seed": 0})], 10, "bnlab 0.0.9")
     store._db.execute("PRAGMA user_version = 0")
     store.close()
@@ -167,3 +168,24 @@ def test_legacy_runs_are_marked_as_shared_batches_and_keep_their_group(tmp_path)
     assert migrated.group_key == config_key(group_config("old", spec, redone, [0]))  # resume finds it
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+
+
+def test_milestones_are_the_first_evaluation_of_each_epoch_and_the_last_step():
+    cfg = TrainConfig(epochs=3, eval_every=100)
+    spe, total = 938, 3 * 938
+    evals = [s for s in range(1, total + 1) if cfg.is_eval_step(s, total)]
+    milestones = [s for s in evals if cfg.is_milestone(s, total, spe)]
+    assert milestones == [1000, 1900, total]  # first points past 938 and 1876, then the end
+    aligned = TrainConfig(steps=40, eval_every=10)  # epoch ends on the grid are milestones themselves
+    assert [s for s in range(1, 41) if aligned.is_eval_step(s, 40) and aligned.is_milestone(s, 40, 20)] == [20, 40]
+
+
+def test_an_epoch_end_off_the_evaluation_grid_is_measured_exactly():
+    spec = ModelSpec(hidden=(16,), norm="batch")
+    cfg = TrainConfig(lr=0.05, batch_size=32, epochs=2, eval_every=4, eval_subset=50, eval_train_subset=100)
+    data = prepare_data(fake_dataset(n_train=320, n_test=200), cfg, spec)  # 10 steps per epoch
+    trainer = StackedTrainer(spec, cfg, [0, 1], data)
+    logged = {}
+    trainer.run(on_eval=lambda step, m: logged.update({step: set(m)}))
+    assert "test_acc_approx" in logged[12] and "test_acc_approx" in logged[20]  # 12: first point after 10
+    assert "test_acc_approx" not in logged[8] and "test_acc_approx" not in logged[16]

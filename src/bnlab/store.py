@@ -64,6 +64,7 @@ STATUSES = ("created", "running", "interrupted", "finished", "failed")
 SCHEMA_VERSION = 1
 # What runs stored before schema version 1 were made with (bnlab.train.TrainConfig's newer fields).
 LEGACY_TRAIN_SETTINGS = {"data_order": "shared", "eval_subset": 0, "eval_train_subset": 0}
+LEGACY_MODEL_SETTINGS = {"norm_momentum": None, "norm_eps": None}  # bnlab.models.ModelSpec's newer fields
 
 
 class StoreError(RuntimeError):
@@ -160,6 +161,9 @@ class RunStore:
                 if not isinstance(train, dict) or "data_order" in train:
                     continue
                 train.update(LEGACY_TRAIN_SETTINGS, eval_bf16=bool(train.get("bf16", False)))
+                if isinstance(config.get("model"), dict):
+                    for name, value in LEGACY_MODEL_SETTINGS.items():
+                        config["model"].setdefault(name, value)
                 key = config_key({k: v for k, v in config.items() if k != "seed"})
                 self._db.execute("UPDATE runs SET config = ?, group_key = ? WHERE id = ?",
                                  (json.dumps(config, sort_keys=True), key, row["id"]))

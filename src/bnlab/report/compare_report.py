@@ -88,8 +88,8 @@ def _evaluation_note(summary: dict) -> str:
         scope = f"{d['examples']:,}-image stratified subset" if d["stratified_subset"] else f"all {d['of']:,} images"
         return f"{scope}, {d['dtype']}"
 
-    text = (f"final test accuracy exact (all {evaluation['milestones']['of']:,} test images, float32, as at every "
-            f"epoch end); intermediate curve points approximate ({part(inter)}); train loss and gap: {part(train)}")
+    text = (f"final test accuracy exact (all {evaluation['milestones']['of']:,} test images, float32, as at the first "
+            f"point of each epoch); intermediate curve points approximate ({part(inter)}); train loss and gap: {part(train)}")
     if errors:
         text += f"; largest |approx - exact| test accuracy at the milestones: {max(errors) * 100:.2f} pts"
     return text
@@ -174,7 +174,7 @@ def plot_curves(summary: dict, path: Path) -> None:
     axes[0].legend(loc="lower right")
     req = summary["request"]
     fig.suptitle(f"{req['preset']} on {req['dataset']}: {' vs '.join(summary['variants'])}, {req['seeds']} seeds "
-                 "(thin lines: individual seeds; points between epoch ends on a test subset)")
+                 "(thin lines: individual seeds; see the report for which points are exact)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

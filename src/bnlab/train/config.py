@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -10,6 +11,7 @@ __all__ = ["TrainConfig", "native_bf16"]
 DATA_ORDERS = ("per_seed", "shared")
 
 
+@functools.lru_cache(maxsize=1)
 def native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16 in ``/proc/cpuinfo``);
     elsewhere bf16 is emulated and slower than float32, so evaluation stays float32."""
@@ -38,15 +40,15 @@ class TrainConfig:
             as often during the first ``2 * eval_every`` steps, where curves move fastest).
         data_seed: with ``data_order``, fixes the batch order.
         data_order: ``per_seed`` (default): model k draws its own batch order from
-            ``(data_seed, seed_k)``, so a stacked model is a whole independent run of its
-            seed, and model k sees the same batches in every variant it is compared in
-            (differences between variants stay paired). ``shared``: all K models see the
+            ``(data_seed, seed_k)``, so a stacked model is an independent run of its seed
+            (dropout masks excepted: they are drawn for the whole stack), and model k sees the
+            same batches in every variant it is compared in. ``shared``: all K models see the
             same batches (one order from ``data_seed``), so K "seeds" differ only in
             initialization and dropout; runs stored before 2026-12-02 were all made so.
         eval_subset: intermediate evaluation points use a fixed, class-stratified subset of
-            this many test images (0: the full test set at every point). Milestones (the end
-            of every epoch and the last step) always use the full test set in float32, so
-            the final test accuracy is exact.
+            this many test images (0: the full test set at every point). Milestones (the first
+            evaluation point of each new epoch, and the last step) always use the full test set
+            in float32, so the final test accuracy is exact.
         eval_train_subset: the final train-set loss and accuracy use a fixed stratified
             subset of this many training images (0: all of them).
         eval_bf16: intermediate points and the train-set metrics in bfloat16 autocast
@@ -127,8 +129,12 @@ class TrainConfig:
         return step == total or step % self.eval_every == 0 or (step < 2 * self.eval_every and step % dense == 0)
 
     def is_milestone(self, step: int, total: int, steps_per_epoch: int) -> bool:
-        """Evaluation points measured exactly (full test set, float32): every epoch end and the last step."""
-        return step == total or step % steps_per_epoch == 0
+        """Whether evaluation step ``step`` is measured exactly (full test set, float32): the last step,
+        and the first evaluation step at or after the end of each epoch (no extra evaluation is added)."""
+        if step == total:
+            return True
+        previous = next((s for s in range(step - 1, 0, -1) if self.is_eval_step(s, total)), 0)
+        return step // steps_per_epoch > previous // steps_per_epoch
 
     def with_(self, **changes) -> TrainConfig:
         return replace(self, **changes)

@@ -100,7 +100,7 @@ class EvalPlan:
                     "stratified_subset": subset is not None, "dtype": "bfloat16" if self.bf16 else "float32"}
         return {"intermediate_points": part(self.test_subset, self.n_test),
                 "milestones": {"examples": self.n_test, "of": self.n_test, "dtype": "float32",
-                               "when": "the end of every epoch and the last step"},
+                               "when": "the first evaluation point of each new epoch, and the last step"},
                 "train_metrics": part(self.train_subset, self.n_train)}
 
     @classmethod

@@ -126,6 +126,12 @@ def run_group(
     trainer = StackedTrainer(spec, cfg, seeds, data, probes)
     if start_from is not None:
         start = store.checkpoint_path(start_from.group_id)
+        origin = store.runs(group_id=start_from.group_id)
+        if not origin or any(r.status != "finished" for r in origin):
+            raise StoreError(f"group {start_from.group_id} has not finished training; finish it before "
+                             f"starting {label} from it")
+        if origin[0].config["model"] != spec.to_dict() or origin[0].config["seeds"] != list(seeds):
+            raise StoreError(f"group {start_from.group_id} has another model or other seeds than {label}")
         if not start.exists():
             raise StoreError(f"group {start_from.group_id} has no checkpoint to start {label} from; train it first")
         trainer.model.load_state_dict(torch.load(start, weights_only=False)["model"])
