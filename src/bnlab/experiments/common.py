@@ -22,8 +22,8 @@ def summarise_group(store: RunStore, result: GroupResult, *, all_series: bool = 
     """
     per_seed = []
     curves, every = {}, {}
-    for run_id in result.run_ids:
-        record = store.run(run_id)
+    records = [store.run(run_id) for run_id in result.run_ids]
+    for run_id, record in zip(result.run_ids, records):
         series = store.metrics(run_id)
         test_acc = series.get("test_acc", [])
         final = record.summary or {}
@@ -58,7 +58,7 @@ def summarise_group(store: RunStore, result: GroupResult, *, all_series: bool = 
         key = f"steps_to_{round(threshold * 100)}"
         aggregate[key] = {**interval(key), "reached": sum(r[key] is not None for r in per_seed), "of": len(per_seed)}
     errors = [r["curve_max_abs_error"] for r in per_seed if r["curve_max_abs_error"] is not None]
-    first = store.run(result.run_ids[0])
+    first = records[0]
     summary = {
         "group_id": result.group_id,
         "reused": result.reused,

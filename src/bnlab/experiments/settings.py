@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from bnlab.models.spec import ModelSpec
 from bnlab.train.config import TrainConfig
 
-__all__ = ["SETTABLE", "parse_settings", "apply_settings", "settable_fields"]
+__all__ = ["parse_settings", "apply_settings", "settable_fields"]
 
 # fields with an option of their own, so that one thing is set in one place
 _OWN_OPTION = {"norm": "--variants", "dataset": "--dataset", "bf16": "--bf16"}
@@ -33,8 +33,6 @@ def settable_fields() -> dict[str, tuple[str, str, object]]:
             out[f.name] = (part, str(f.type), default)
     return out
 
-
-SETTABLE = tuple(settable_fields())
 
 
 def _valid_keys() -> str:

@@ -14,14 +14,11 @@ from bnlab.stats import mean_ci
 
 __all__ = ["format_table", "write_report", "plot_curves"]
 
-# colour-blind-safe (Okabe-Ito); the first variant is the baseline
+# colour-blind-safe (Okabe-Ito), by variant position: the baseline orange, the second (BN by default) green
 PALETTE = ("#d55e00", "#009e73", "#0072b2", "#cc79a7", "#e69f00", "#56b4e9", "#000000", "#f0e442")
-COLORS = {"no norm": PALETTE[0], "BN": PALETTE[1]}
 
 
 def _color(summary: dict, label: str) -> str:
-    if label in COLORS and len(summary["variants"]) <= 2:
-        return COLORS[label]
     return PALETTE[list(summary["variants"]).index(label) % len(PALETTE)]
 
 
