@@ -16,7 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["probe_forward", "preactivation_percentiles", "layer_input", "gradient_ics", "landscape", "loss_surface"]
+__all__ = ["probe_forward", "probe_output", "preactivation_percentiles", "layer_input", "gradient_ics", "landscape",
+           "loss_surface", "filter_normalized_directions"]
 
 
 def probe_forward(model: nn.Module, x: Tensor, *, train_mode: bool = True,
@@ -25,6 +26,16 @@ def probe_forward(model: nn.Module, x: Tensor, *, train_mode: bool = True,
 
     ``train_mode=True`` normalizes with batch statistics, as the training
     network does (Ioffe & Szegedy plot the training network N_BN^tr).
+    """
+    return probe_output(model, x, train_mode=train_mode, capture=capture)[1]
+
+
+def probe_output(model: nn.Module, x: Tensor, *, train_mode: bool = True,
+                 capture: Sequence[nn.Module] = ()) -> tuple[Tensor, list[Tensor]]:
+    """:func:`probe_forward` that also returns the model's output: ``(output, captured inputs)``.
+
+    E.g. the accuracy of a network in train mode (batch statistics) without
+    moving its running statistics or the RNG.
     """
     captured: list[Tensor] = []
     hooks = [m.register_forward_hook(lambda mod, inputs, output: captured.append(inputs[0].detach()))
@@ -36,13 +47,13 @@ def probe_forward(model: nn.Module, x: Tensor, *, train_mode: bool = True,
         state.update({name: b.clone() for name, b in model.named_buffers()})  # updates land in copies
         model.train(train_mode)
         with torch.no_grad():
-            torch.func.functional_call(model, state, (x,))
+            output = torch.func.functional_call(model, state, (x,))
     finally:
         model.train(was_training)
         torch.set_rng_state(rng)
         for h in hooks:
             h.remove()
-    return captured
+    return output, captured
 
 
 def layer_input(model: nn.Module, kind: type[nn.Module], index: int = -1) -> nn.Module:
@@ -192,14 +203,12 @@ def landscape(probe_x: Tensor, probe_y: Tensor, *, lr: float, multipliers: Seque
 
 
 @torch.no_grad()
-def loss_surface(model: nn.Module, x: Tensor, y: Tensor, *, radius: float = 1.0, points: int = 21,
-                 seed: int = 0) -> tuple[Tensor, Tensor]:
-    """Loss on a 2-D grid around the weights along two random, filter-normalized directions (Li et al. 2018).
+def filter_normalized_directions(model: nn.Module, *, seed: int = 0) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Two random directions in weight space, filter-normalized (Li et al. 2018), keyed by parameter name.
 
     Each direction is Gaussian, rescaled per filter (per output row of a weight,
-    per entry of a bias) to the norm of the corresponding weights, so the plot's
-    scale means the same for every layer and for models with and without BN.
-    Returns ``(coordinates, losses[points, points])``; eval mode (running statistics).
+    per entry of a bias) to the norm of the corresponding weights, so a step of
+    1 along it means the same for every layer and for models with and without BN.
     """
     g = torch.Generator().manual_seed(seed)
     params = {n: p.detach() for n, p in model.named_parameters()}
@@ -215,7 +224,23 @@ def loss_surface(model: nn.Module, x: Tensor, y: Tensor, *, radius: float = 1.0,
             d[n] = r
         return d
 
-    d1, d2 = direction(), direction()
+    return direction(), direction()
+
+
+@torch.no_grad()
+def loss_surface(model: nn.Module, x: Tensor, y: Tensor, *, radius: float = 1.0, points: int = 21,
+                 seed: int = 0, directions: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None,
+                 ) -> tuple[Tensor, Tensor]:
+    """Loss on a 2-D grid around the weights along two random, filter-normalized directions (Li et al. 2018).
+
+    The directions are :func:`filter_normalized_directions` of ``seed`` unless
+    given (e.g. to project an optimizer's path onto the same plane).
+    Returns ``(coordinates, losses[points, points])``, ``losses[i, j]`` at
+    ``coordinates[i]`` along the first direction and ``coordinates[j]`` along
+    the second; eval mode (running statistics).
+    """
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    d1, d2 = directions if directions is not None else filter_normalized_directions(model, seed=seed)
     coords = torch.linspace(-radius, radius, points)
     losses = torch.empty(points, points)
     buffers = dict(model.named_buffers())
