@@ -8,6 +8,7 @@ from torch import nn
 
 import bnlab.nn as bnn
 from bnlab.models import PRESETS, ModelSpec, StackedModel, build_model
+from bnlab.models.fused import StackedConv2d, StackedLinear, StackedNorm
 from bnlab.train import StackedTrainer, StopRequested, TrainConfig, prepare_data
 from fakes import fake_dataset
 
@@ -458,3 +459,67 @@ def test_evaluation_reuses_the_first_layer_copy_only_inside_one_evaluation():
         swapped = {n: p * 0.5 for n, p in stacked.named_parameters()}
         third = torch.func.functional_call(stacked, {**swapped, **dict(stacked.named_buffers())}, (x,))
     assert not torch.allclose(second, third)
+
+
+# -- the inference copy: batch norm folded, weights cast once ------------------------------------
+
+def _randomize_norm_state(model: nn.Module, seed: int) -> None:
+    """Running statistics and affine far from their initial values, so a wrong fold shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if getattr(m, "running_var", None) is not None:
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 2 + 0.2)
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, bnn.FrozenBatchNorm1d,
+                              bnn.FrozenBatchNorm2d)) and m.weight is not None:
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g))
+
+
+FOLDABLE = {"batch", "renorm", "ghost", "frozen"}
+
+
+def _norm_layers(model: StackedModel) -> int:
+    norm_types = (StackedNorm, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, bnn.FrozenBatchNorm1d,
+                  bnn.FrozenBatchNorm2d)
+    return sum(isinstance(layer, norm_types) for layer in model.layers)
+
+
+@pytest.mark.parametrize("spec", [
+    TINY_MLP, TINY_MLP.with_(norm_convention="keras"), TINY_MLP.with_(norm="renorm"),
+    TINY_MLP.with_(norm="ghost"), TINY_MLP.with_(norm="frozen"), TINY_MLP.with_(bias_before_norm=False),
+    TINY_MLP.with_(placement="after"), TINY_MLP.with_(norm="layer"), TINY_MLP.with_(norm="group"),
+    TINY_MLP.with_(norm="none"), TINY_CNN, TINY_CNN.with_(norm="instance", bias_before_norm=False),
+], ids=lambda s: f"{s.arch}-{s.norm}-{s.norm_convention}-{s.placement}-bias{int(s.bias_before_norm)}")
+@pytest.mark.parametrize("k, shared", [(1, True), (3, True), (3, False)])
+def test_inference_copy_folds_norms_and_computes_what_eval_mode_does(spec, k, shared):
+    models = [build_model(spec, seed=s) for s in range(k)]
+    for s, model in enumerate(models):
+        _randomize_norm_state(model, s)
+    separate = [m.eval() for m in models]  # oracle: the plain torch models in eval mode
+    stacked = StackedModel(models, shared_input=shared).eval()
+    x = torch.randn(16, 1, 28, 28)
+    with torch.no_grad():
+        expected = torch.stack([m(x) for m in separate], dim=1)
+        before = {n: p.clone() for n, p in stacked.state_dict().items()}
+        copy32, copy16 = stacked.inference_copy(), stacked.inference_copy(torch.bfloat16)
+        got = copy32(x if spec.arch == "cnn" else x.flatten(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got16 = copy16(x if spec.arch == "cnn" else x.flatten(1)).float()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(got16, expected, rtol=0.1, atol=0.1 * expected.abs().max().item())
+    # the folded norms are gone (those right after a weighted layer), nothing else is
+    folded = _norm_layers(stacked) - _norm_layers(copy32)
+    assert folded == (len(spec.hidden) + len(spec.conv_channels)
+                      if spec.norm in FOLDABLE and spec.placement == "before" else 0)
+    weighted = [m for m in copy16.modules() if isinstance(m, (nn.Linear, nn.Conv2d, StackedLinear, StackedConv2d))]
+    assert weighted and all(m.weight.dtype == torch.bfloat16 for m in weighted)
+    # the copy's weights are its own: making it changed nothing, and changing them changes nothing
+    for n, p in stacked.state_dict().items():
+        assert torch.equal(p, before[n]), n
+    with torch.no_grad():
+        for m in copy32.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d, StackedLinear, StackedConv2d)):
+                m.weight.mul_(0)
+        torch.testing.assert_close(stacked(x if spec.arch == "cnn" else x.flatten(1)), expected, rtol=1e-5, atol=2e-5)

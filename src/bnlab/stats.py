@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 from collections.abc import Sequence
@@ -100,8 +101,12 @@ def _betainc(a: float, b: float, x: float) -> float:
     return math.exp(log_front) * result / a
 
 
+@functools.lru_cache(maxsize=256)
 def t_quantile(p: float, df: int) -> float:
-    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (bisection on the CDF)."""
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (bisection on the CDF).
+
+    Cached: a report asks for the same few quantiles hundreds of times (one per curve point),
+    and each costs 200 evaluations of the CDF."""
     if not 0 < p < 1 or df < 1:
         raise ValueError("need 0 < p < 1 and df >= 1")
     lo, hi = -1e3, 1e3

@@ -1,7 +1,7 @@
 """bnlab.functional: the one computational core of every bnlab normalization layer.
 
-* :mod:`~bnlab.functional.core`: ``compute_stats``, ``normalize`` and
-  ``update_running_stats``, the building blocks in plain torch ops.
+* :mod:`~bnlab.functional.core`: ``compute_stats``, ``normalize``,
+  ``scale_shift`` (inference-time batch norm as one affine map) and ``update_running_stats``, the building blocks in plain torch ops.
 * :mod:`~bnlab.functional.kernels`: the per-layout kernel registry (torch's
   native kernel, the composite one, and any faster kernel registered later).
 * :mod:`~bnlab.functional.norms`: ``batch_norm``, the policy (validation,
@@ -10,7 +10,7 @@
   ghost batch norm and batch renorm use, built on first use, with a torch fallback.
 """
 
-from bnlab.functional.core import compute_stats, normalize, stats_dtype, update_running_stats
+from bnlab.functional.core import compute_stats, normalize, scale_shift, stats_dtype, update_running_stats
 from bnlab.functional.kernels import Kernel, kernel_names, memory_layout, register_kernel
 from bnlab.functional.norms import (
     batch_norm,
@@ -30,6 +30,7 @@ __all__ = [
     "ghost_batch_norm",
     "compute_stats",
     "normalize",
+    "scale_shift",
     "update_running_stats",
     "stats_dtype",
     "Kernel",

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["compute_stats", "normalize", "update_running_stats", "stats_dtype", "channel_view"]
+__all__ = ["compute_stats", "normalize", "scale_shift", "update_running_stats", "stats_dtype", "channel_view"]
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -83,14 +83,27 @@ def normalize(
     rounding order as torch's native CPU kernel, so results agree to the last
     float32 bits more often than the textbook order would.
     """
+    scale, shift = scale_shift(mean, var, weight, bias, eps)
+    y = x.to(scale.dtype) * scale + shift
+    return y.to(x.dtype)
+
+
+def scale_shift(
+    mean: Tensor, var: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5
+) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` with ``(x - mean) / sqrt(var + eps) * weight + bias == x * scale + shift``.
+
+    With running statistics this is batch norm at inference: a fixed affine map per
+    channel, which can be folded into the weights of a preceding linear layer or
+    convolution (see :meth:`bnlab.models.StackedModel.inference_copy`).
+    """
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight
     shift = -mean * scale
     if bias is not None:
         shift = shift + bias
-    y = x.to(scale.dtype) * scale + shift
-    return y.to(x.dtype)
+    return scale, shift
 
 
 @torch.no_grad()

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnlab.functional import scale_shift
 from bnlab.nn.frozen import _FrozenBatchNorm
 
 __all__ = ["StackedModel"]
@@ -59,7 +60,9 @@ class StackedLinear(nn.Module):
             weights = weights.transpose(0, 1)  # (in, K, out)
         self.weight = nn.Parameter(weights.contiguous())
         has_bias = layers[0].bias is not None
-        self.bias = nn.Parameter(torch.stack([l.bias.detach() for l in layers]).clone()) if has_bias else None
+        # registered even when absent (as nn.Linear does), so `bias` is always looked up in _parameters
+        self.register_parameter("bias", nn.Parameter(torch.stack([l.bias.detach() for l in layers]).clone())
+                                if has_bias else None)
         self.compute_weight: Tensor | None = None  # see _training_weight
         self.compute_weight_version = -1
         self._wide_cache: dict | None = None  # see _wide_weight
@@ -73,9 +76,7 @@ class StackedLinear(nn.Module):
             else:  # a per-model first layer evaluated on a shared batch (the test set)
                 k, inp, out = weight.shape
                 wide = self._wide_weight(weight)
-            y = x @ wide
-            if self.bias is not None:
-                y = y + self.bias.view(k * out)
+            y = x @ wide if self.bias is None else torch.addmm(self.bias.view(k * out), x, wide)
             return y.view(len(x), k, out)
         if self.shared_input:
             weight = weight.transpose(0, 1)  # (K, in, out), strided
@@ -122,7 +123,8 @@ class StackedConv2d(nn.Module):
         self.stride, self.padding, self.dilation = proto.stride, proto.padding, proto.dilation
         self.weight = nn.Parameter(torch.stack([l.weight.detach() for l in layers]).clone())  # (K, out, in, kh, kw)
         has_bias = proto.bias is not None
-        self.bias = nn.Parameter(torch.stack([l.bias.detach() for l in layers]).clone()) if has_bias else None
+        self.register_parameter("bias", nn.Parameter(torch.stack([l.bias.detach() for l in layers]).clone())
+                                if has_bias else None)
         self.compute_weight: Tensor | None = None  # see _training_weight
         self.compute_weight_version = -1
 
@@ -311,6 +313,34 @@ class StackedModel(nn.Module):
                 layer._wide_cache = None
 
     @torch.no_grad()
+    def inference_copy(self, dtype: torch.dtype = torch.float32) -> StackedModel:
+        """A copy for evaluating on a shared input, built once per evaluation: cheaper, same function.
+
+        Every batch norm that directly follows a linear layer or convolution and, in eval mode,
+        normalizes with running statistics (BN, batch renorm, ghost BN, frozen BN, either
+        convention) is a fixed per-channel ``y = x * scale + shift``
+        (:func:`bnlab.functional.scale_shift`); it is folded into that layer (``W * scale``,
+        ``b * scale + shift``) and removed. Every weight is cast to ``dtype`` here, once, rather than
+        by autocast on every call, and the first layer of a per-model stack gets its wide
+        ``(in, K*out)`` layout. The copy computes what ``self.eval()`` does up to rounding (the fold
+        reassociates one multiply; ``dtype`` rounds the weights), shares no parameter with ``self``
+        and does not follow later training. Other layers (activations, dropout, the other norms)
+        are shared with ``self``: call it in eval mode.
+        """
+        layers = list(self.layers)
+        copied, index = [], 0
+        while index < len(layers):
+            layer = layers[index]
+            norm = _foldable_norm(layers[index + 1]) if index + 1 < len(layers) and _is_weighted(layer) else None
+            if _is_weighted(layer):
+                layer = _inference_layer(layer, norm, dtype, first=self.k > 1 and index == self._first_weighted)
+            copied.append(layer)
+            index += 2 if norm is not None else 1
+        inference = copy.copy(self)
+        inference._modules = {"layers": nn.Sequential(*copied)}
+        return inference
+
+    @torch.no_grad()
     def write_back(self) -> list[nn.Sequential]:
         """Copy parameters and buffers of model k into the k-th source model; return them."""
         if self.k == 1:
@@ -322,6 +352,51 @@ class StackedModel(nn.Module):
                 for name, value in stacked.unstacked(k).items():
                     getattr(original, name).copy_(value)
         return self._source_models
+
+
+def _is_weighted(layer: nn.Module) -> bool:
+    return isinstance(layer, (nn.Linear, nn.Conv2d, StackedLinear, StackedConv2d))
+
+
+def _foldable_norm(layer: nn.Module) -> nn.Module | None:
+    """The batch norm inside ``layer`` if, in eval mode, it is a fixed per-channel affine map, else None."""
+    norm = layer.norm if isinstance(layer, StackedNorm) and not layer.layer_norm else layer
+    if isinstance(norm, (_BatchNorm, _FrozenBatchNorm)) and norm.running_mean is not None \
+            and norm.running_var is not None:
+        return norm
+    return None
+
+
+def _output_channel_shapes(layer: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """How a vector over the layer's output channels (model-major when stacked) views against its
+    weight and its bias."""
+    w = layer.weight
+    if isinstance(layer, StackedLinear):  # (in, K, out) or (K, in, out)
+        k, out = w.shape[1 if layer.shared_input else 0], w.shape[2]
+        return ((1, k, out) if layer.shared_input else (k, 1, out)), (k, out)
+    if isinstance(layer, StackedConv2d):  # (K, out, in, kh, kw)
+        return (*w.shape[:2], 1, 1, 1), tuple(w.shape[:2])
+    return (w.shape[0], *[1] * (w.dim() - 1)), (w.shape[0],)  # nn.Linear / nn.Conv2d: (out, in, ...)
+
+
+def _inference_layer(layer: nn.Module, norm: nn.Module | None, dtype: torch.dtype, first: bool) -> nn.Module:
+    """A shallow copy of a weighted ``layer`` with its own weight and bias: ``norm`` folded in, cast to ``dtype``."""
+    weight, bias = layer.weight, layer.bias
+    if norm is not None:
+        weight_view, bias_shape = _output_channel_shapes(layer)
+        scale, shift = scale_shift(norm.running_mean, norm.running_var, norm.weight, norm.bias, norm.eps)
+        weight = weight * scale.view(weight_view)
+        bias = shift.view(bias_shape) if bias is None else bias * scale.view(bias_shape) + shift.view(bias_shape)
+    copied = copy.copy(layer)
+    if isinstance(layer, (StackedLinear, StackedConv2d)):
+        copied.compute_weight = None  # no bf16 training shadow: the copy computes with its own weight
+    if isinstance(layer, StackedLinear):
+        copied._wide_cache = None
+        if first and not layer.shared_input:  # the layout a shared input multiplies with directly
+            weight, copied.shared_input = weight.transpose(0, 1), True
+    copied._parameters = {"weight": weight.to(dtype, memory_format=torch.contiguous_format, copy=True),
+                          "bias": None if bias is None else bias.to(dtype, copy=True)}
+    return copied
 
 
 def per_model_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
