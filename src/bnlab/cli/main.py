@@ -6,10 +6,10 @@ import argparse
 import sys
 
 import bnlab
-from bnlab.cli import claims, compare, data, demo, presets, runs
+from bnlab.cli import claims, compare, data, demo, presets, runs, serve
 
 # Each module exposes add_parser(subparsers) and run(args) -> int.
-SUBCOMMANDS = [compare, claims, runs, presets, data, demo]
+SUBCOMMANDS = [compare, claims, runs, presets, data, demo, serve]
 
 
 class _Parser(argparse.ArgumentParser):
