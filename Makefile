@@ -1,4 +1,4 @@
-# The two commands a fresh clone needs (see README): `make demo` and `make test`.
+# The two commands a fresh clone needs (see README): `make demo` and `make test` (and `make serve`, the web app).
 # Each one sets up what it needs first; a second run skips what is already done.
 
 PYTHON ?= python3
@@ -6,17 +6,26 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+CHROMIUM := /usr/bin/chromium
+
+.PHONY: demo serve test bench clean
 
 $(STAMP): pyproject.toml requirements/lock.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements/lock.txt -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements/lock.txt -e '.[test,web]'
 	@touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/bnlab compare --out out/compare
 
-test: $(STAMP)
+serve: $(STAMP)
+	$(VENV)/bin/bnlab serve
+
+# The browser tests drive Debian's Chromium (never a browser downloaded by playwright); they are never skipped.
+$(CHROMIUM):
+	$$( [ "$$(id -u)" = 0 ] || echo sudo ) sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium'
+
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
