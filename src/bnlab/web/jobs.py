@@ -217,6 +217,9 @@ class Pair:
             points = [("pre", b["activation"]) for b in blocks]
             if name == "norm":
                 points += [("in", b["norm"]) for b in blocks if "norm" in b]
+            # hooks fire in the order the modules run, which in a Sequential is their position
+            position = {id(m): i for i, m in enumerate(model)}
+            points.sort(key=lambda point: position[id(point[1])])
             _, captured = probe_output(model, self.data.probe_x, capture=[m for _, m in points])
             layers = {"pre": [], "in": []}
             for (what, _), values in zip(points, captured):

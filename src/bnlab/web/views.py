@@ -143,6 +143,8 @@ def train_vs_eval(pair, params: dict) -> dict:
 
 
 def _accuracy(model, x, y, batch: int, *, train_mode: bool) -> float | None:
+    if batch > len(x):
+        return None
     correct = 0
     try:
         for start in range(0, len(x) - batch + 1, batch):  # whole batches only: each one's statistics count
