@@ -207,3 +207,25 @@ def test_an_epoch_end_off_the_evaluation_grid_is_measured_exactly():
     trainer.run(on_eval=lambda step, m: logged.update({step: set(m)}))
     assert "test_acc_approx" in logged[12] and "test_acc_approx" in logged[20]  # 12: first point after 10
     assert "test_acc_approx" not in logged[8] and "test_acc_approx" not in logged[16]
+
+
+def test_steps_to_x_differences_say_over_how_many_seeds():
+    """A steps-to-X difference is over the seeds that reached X; the table says so when some did not."""
+    from bnlab.report.compare_report import _difference_rows
+    from bnlab.stats import mean_ci
+
+    per_variant = {"no norm": [600.0, 700.0], "BN": [200.0, 250.0, 300.0]}  # of 3 seeds each
+    variants = {}
+    for label, steps in per_variant.items():
+        full = {**mean_ci([0.97, 0.98, 0.975]).to_dict()}
+        variants[label] = {"aggregate": {
+            "final_test_acc": full, "final_train_loss": full, "train_test_gap": full,
+            "steps_to_95": {**mean_ci(steps).to_dict(), "reached": len(steps), "of": 3},
+            "steps_to_97": {**mean_ci(steps).to_dict(), "reached": len(steps), "of": 3}}}
+    diff = {key: welch_diff(per_variant["BN"], per_variant["no norm"]).to_dict()
+            for key in ("steps_to_95", "steps_to_97")}
+    diff.update({key: welch_diff([0.97, 0.98, 0.975], [0.97, 0.98, 0.975]).to_dict()
+                 for key in ("final_test_acc", "final_train_loss", "train_test_gap")})
+    rows = dict(_difference_rows({"variants": variants, "differences": {"BN": diff}}))
+    assert rows["Δ steps to 95% test acc"][1].endswith("(over 3/3 and 2/3 seeds)")
+    assert "seeds)" not in rows["Δ final test accuracy"][1]

@@ -69,7 +69,12 @@ def _difference_rows(summary: dict) -> list[tuple[str, list[str]]]:
             if d["low"] != d["high"]:
                 text += f" [{d['low'] * scale:+.{digits}f}, {d['high'] * scale:+.{digits}f}]"
                 text += " *" if d["low"] > 0 or d["high"] < 0 else ""
-            cells.append(text + unit)
+            text += unit
+            # a steps-to-X difference is over the seeds that reached X: say so when some did not
+            counts = [summary["variants"][v]["aggregate"][key] for v in (label, labels[0])]
+            if any(c.get("reached", c["n"]) < c.get("of", c["n"]) for c in counts):
+                text += f" (over {counts[0]['reached']}/{counts[0]['of']} and {counts[1]['reached']}/{counts[1]['of']} seeds)"
+            cells.append(text)
         rows.append((f"Δ {title}", cells))
     return rows
 
