@@ -1,7 +1,8 @@
 """How far the cheap evaluation of `bnlab compare` is from the exact one, on real MNIST.
 
 `bnlab compare` evaluates intermediate curve points on a fixed stratified subset of
-the test set in bf16 (where the CPU has native bf16) and the final train-set
+the test set in bf16 (where the CPU has native bf16), with batch norm folded into the
+layer before it, and the final train-set
 metrics on a stratified subset of the training set; milestones (epoch ends and
 the last step) are exact (bnlab.train.engine.EvalPlan). This script trains K
 seeds of a preset and, at every evaluation point, measures both the exact value
@@ -39,7 +40,7 @@ def measure(preset: str, norm: str, seeds: int, epochs: float, dataset) -> dict:
         trainer.train_step()
         if cfg.is_eval_step(trainer.step, trainer.total_steps):
             exact.append((trainer.step, trainer.evaluate(data.test_x, data.test_y)[1]))
-            approx.append((trainer.step, trainer.evaluate(*trainer._eval_set("test_approx"), bf16=plan.bf16)[1]))
+            approx.append((trainer.step, trainer.evaluate_approximately("test_approx")[1]))
     errors = torch.stack([(a - b).abs() for (_, a), (_, b) in zip(exact, approx)])  # (points, K)
     steps = {}
     for threshold in (0.95, 0.97):
@@ -67,7 +68,8 @@ def main() -> None:
         r = measure(args.preset, norm, args.seeds, args.epochs, dataset)
         inter = r["plan"]["intermediate_points"]
         print(f"{r['spec']}, {args.seeds} seeds, {args.epochs} epoch(s), {r['points']} evaluation points; "
-              f"intermediate: {inter['examples']} images, {inter['dtype']}")
+              f"intermediate: {inter['examples']} images, {inter['dtype']}"
+              f"{', BN folded' if inter.get('batch_norm_folded') else ''}")
         print(f"  test accuracy |approx - exact| over the curve: max {100 * r['max_err']:.2f} pts, "
               f"mean {100 * r['mean_err']:.2f} pts")
         for threshold, pairs in r["steps"].items():

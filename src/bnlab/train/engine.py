@@ -321,7 +321,7 @@ class StackedTrainer:
         if milestone or not plan.approximate:
             metrics["test_loss"], metrics["test_acc"] = self.evaluate(*self._eval_set("test"))
         if plan.approximate:
-            loss, acc = self.evaluate(*self._eval_set("test_approx"), bf16=plan.bf16, folded=True)
+            loss, acc = self.evaluate_approximately("test_approx")
             suffix = "_approx" if milestone else ""
             metrics["test_loss" + suffix], metrics["test_acc" + suffix] = loss, acc
         if self._interval_steps:
@@ -334,10 +334,17 @@ class StackedTrainer:
         self.timings["probes"] += time.perf_counter() - probing
         return metrics
 
+    def evaluate_approximately(self, name: str) -> tuple[Tensor, Tensor]:
+        """The cheap measurement of the :class:`EvalPlan` on ``"test_approx"`` or ``"train_approx"``:
+        its subset, in its dtype, through the folded inference copy."""
+        return self.evaluate(*self._eval_set(name), bf16=self.eval_plan.bf16, folded=True)
+
     def final_metrics(self) -> dict[str, Tensor]:
         """Train-set loss and accuracy in eval mode at the end, as the :class:`EvalPlan` says."""
-        loss, acc = self.evaluate(*self._eval_set("train_approx"), bf16=self.eval_plan.bf16,
-                                  folded=self.eval_plan.train_approximate)
+        if self.eval_plan.train_approximate:
+            loss, acc = self.evaluate_approximately("train_approx")
+        else:
+            loss, acc = self.evaluate(self.data.train_x, self.data.train_y)
         return {"final_train_loss": loss, "final_train_acc": acc}
 
     # -- checkpoints --------------------------------------------------------------------------
