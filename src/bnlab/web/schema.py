@@ -95,8 +95,8 @@ VIEWS: dict[str, dict[str, Field]] = {
     "bn_step": {
         "source": Field("synthetic", choices=("synthetic", "live")),
         "batch_size": Field(32, low=2, high=1024, integer=True),
-        "gamma": Field(1.0, low=-5.0, high=5.0),
-        "beta": Field(0.0, low=-5.0, high=5.0),
+        "gamma": Field(1.0, low=-100.0, high=100.0),  # wide enough for γ = √(σ²+ε) of a live layer
+        "beta": Field(0.0, low=-100.0, high=100.0),
         "eps": Field(1e-5, low=1e-8, high=10.0),
         "mean": Field(2.0, low=-10.0, high=10.0),
         "spread": Field(1.5, low=0.01, high=10.0),

@@ -190,6 +190,7 @@
   const train = { steps: [], plain: [], norm: [], probes: [] };
   let lossChart, accChart, pctChart, gradChart = null, gradLayers = 0;
   let dirty = false;
+  let newProbe = false;
   let lastRate = { t: performance.now(), step: 0 };
 
   function initTrainCharts() {
@@ -206,7 +207,7 @@
   function clearTraining() {
     train.steps = []; train.plain = []; train.norm = []; train.probes = [];
     lastRate = { t: performance.now(), step: 0 };
-    dirty = true;
+    newProbe = true;
     redrawTraining();
   }
   function onTick(m) {
@@ -224,6 +225,7 @@
     if (m.probe) {
       train.probes.push(m.probe);
       if (train.probes.length > MAX_PROBES) train.probes.shift();
+      newProbe = true;
     }
     $("step").textContent = m.step;
     const now = performance.now();
@@ -241,6 +243,9 @@
     dirty = false;
     if (activeTab !== "train") return;
     lossChart.setData([train.steps, train.plain, train.norm]);
+    stats.frames += 1;
+    if (!newProbe) return; // the other charts change only with a new measurement (4 a second)
+    newProbe = false;
     const probes = train.probes;
     const ps = probes.map((p) => p.step);
     accChart.setData([ps, probes.map((p) => p.test_acc.plain), probes.map((p) => p.test_acc.norm)]);
@@ -252,7 +257,6 @@
     drawHeat($("m-plain"), $("m-plain-r"), probes.map((p) => p.layers.plain.pre[trainLayer]));
     drawHeat($("m-in"), $("m-in-r"), probes.map((p) => p.layers.norm.in[trainLayer]), "no norm layer");
     drawHeat($("m-norm"), $("m-norm-r"), probes.map((p) => p.layers.norm.pre[trainLayer]));
-    stats.frames += 1;
   }
   function drawGrad(probes, ps) {
     const n = probes.length ? probes[probes.length - 1].grad_norm.plain.length : 0;
@@ -306,7 +310,7 @@
     const p = train.probes;
     return p.length ? `${p[0].step}–${p[p.length - 1].step}` : "";
   }
-  $("t-layer").addEventListener("change", (e) => { trainLayer = Number(e.target.value); redrawTraining(); });
+  $("t-layer").addEventListener("change", (e) => { trainLayer = Number(e.target.value); newProbe = true; redrawTraining(); });
 
   // -- views 1, 3, 4: requests and replies -----------------------------------------------------
   function requestView(view, params, t0 = performance.now()) {
@@ -345,7 +349,8 @@
   for (const k of stepInputs) {
     const el = $(`b-${k}`);
     const out = document.querySelector(`output[for="b-${k}"]`);
-    const show = () => { out.textContent = fmt(el.dataset.log ? 10 ** Number(el.value) : Number(el.value)); };
+    const shown = (v) => (k === "layer" ? v + 1 : v); // layers are counted from 1 on the page
+    const show = () => { out.textContent = fmt(shown(el.dataset.log ? 10 ** Number(el.value) : Number(el.value))); };
     show();
     el.addEventListener("input", (e) => { show(); requestStep(e.timeStamp || performance.now()); });
   }
@@ -358,9 +363,13 @@
   $("b-resample").addEventListener("click", () => { stepSeed += 1; requestStep(); });
   $("b-recover").addEventListener("click", () => {
     if (!lastStep) return;
-    $("b-gamma").value = lastStep.identity.gamma;
-    $("b-beta").value = lastStep.identity.beta;
-    for (const k of ["gamma", "beta"]) $(`b-${k}`).dispatchEvent(new Event("input"));
+    for (const k of ["gamma", "beta"]) {
+      const el = $(`b-${k}`), v = lastStep.identity[k];
+      const reach = Math.min(100, Math.max(5, Math.ceil(Math.abs(v)))); // a wide batch needs a wider slider
+      el.min = -reach; el.max = reach;
+      el.value = v;
+      el.dispatchEvent(new Event("input"));
+    }
   });
   function histChart(el, color) {
     return makeChart(el, [{ label: "count", stroke: color, fill: `${color}55`, width: 1,
@@ -567,7 +576,7 @@
     document.querySelector(".layout").classList.toggle("wide", activeTab === "step" || activeTab === "results");
     requestAnimationFrame(() => {
       resizeCharts();
-      if (activeTab === "train") redrawTraining();
+      if (activeTab === "train") { newProbe = true; redrawTraining(); }
       requestActiveView();
     });
   }

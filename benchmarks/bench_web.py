@@ -1,0 +1,160 @@
+"""bnlab serve under load: the page in headless Chromium while its session trains on MNIST.
+
+Reports, in one invocation:
+
+* slider → chart redraw latency: view 1's γ slider moved from the keyboard every 100 ms; the time from
+  the input event to the end of the redraw of its histograms (a round trip through the WebSocket, the
+  worker thread and bnlab.reference) — median and p95;
+* chart updates per second on the live-training view (redraws of its charts with new data);
+* WebSocket ping round trip (answered by the event loop: is the server responsive while training?);
+* training steps/s inside the app (the session's two networks, wall clock, with its measurements,
+  views and the browser all running) vs the same Pair trained headless in a plain loop, with the
+  same thread count; and headless with every core as torch threads, the choice the job manager avoids.
+
+Bars (issue 11): p95 latency ≤ 50 ms, ≥ 15 chart updates/s, in-app ≥ 80% of headless steps/s.
+
+    .venv/bin/python benchmarks/bench_web.py [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from web_server import CHROMIUM, CHROMIUM_ARGS, running_server  # noqa: E402
+
+from bnlab.data import load_dataset  # noqa: E402
+from bnlab.web.app import create_app  # noqa: E402
+from bnlab.web.jobs import JobManager, Pair, WebData, torch_threads  # noqa: E402
+from bnlab.web.schema import default_settings  # noqa: E402
+
+
+def headless_steps_per_second(data: WebData, threads: int, seconds: float) -> float:
+    torch.set_num_threads(threads)
+    pair = Pair(default_settings(), data)
+    for _ in range(20):  # warm-up
+        pair.train_step()
+    started, steps = time.perf_counter(), 0
+    while time.perf_counter() - started < seconds:
+        pair.train_step()
+        steps += 1
+    return steps / (time.perf_counter() - started)
+
+
+def wait(page, condition: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(condition):
+        if time.monotonic() > deadline:
+            raise TimeoutError(condition)
+        page.wait_for_timeout(25)
+
+
+def in_app(manager: JobManager, seconds: float) -> dict:
+    from playwright.sync_api import sync_playwright
+
+    with running_server(create_app(manager)) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url)
+        wait(page, "document.getElementById('conn').textContent === 'connected'")
+        page.click("#start")
+        wait(page, "bnlab.stats.frames > 10")
+        (job,) = manager._jobs
+        steps0, clock0 = job.pair.step, time.perf_counter()
+
+        # chart updates on the live-training view
+        frames0, t0 = page.evaluate("bnlab.stats.frames"), time.perf_counter()
+        page.wait_for_timeout(seconds * 1000)
+        updates = (page.evaluate("bnlab.stats.frames") - frames0) / (time.perf_counter() - t0)
+
+        # WebSocket round trips, answered by the event loop while the worker trains
+        rtts = page.evaluate("""(n) => new Promise((resolve) => {
+            const ws = new WebSocket(`ws://${location.host}/ws`);
+            const sent = new Map(), out = [];
+            ws.onmessage = (e) => {
+                const m = JSON.parse(e.data);
+                if (m.type === "ready") for (let i = 0; i < n; i++) setTimeout(() => {
+                    sent.set(i, performance.now()); ws.send(JSON.stringify({type: "ping", id: i})); }, i * 50);
+                if (m.type === "pong") { out.push(performance.now() - sent.get(m.id)); if (out.length === n) { ws.close(); resolve(out); } }
+            };
+        })""", 60)
+
+        # slider -> redraw latency on view 1, training going on meanwhile
+        page.click("#tab-step")
+        wait(page, "bnlab.stats.latencies.length > 0")
+        page.evaluate("bnlab.stats.latencies.length = 0")
+        page.focus("#b-gamma")
+        presses = int(seconds * 10)
+        for i in range(presses):
+            page.keyboard.press("ArrowRight" if (i // 40) % 2 == 0 else "ArrowLeft")
+            page.wait_for_timeout(100)
+        page.wait_for_timeout(300)
+        latencies = page.evaluate("bnlab.stats.latencies")
+        steps_per_second = (job.pair.step - steps0) / (time.perf_counter() - clock0)
+        browser.close()
+    if errors:
+        raise RuntimeError(f"page errors: {errors}")
+    return {"updates_per_second": updates, "latencies_ms": latencies, "presses": presses,
+            "ping_ms": rtts, "steps_per_second": steps_per_second}
+
+
+def percentile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each measuring phase")
+    args = parser.parse_args()
+    threads = torch_threads()
+    data = WebData.from_dataset(load_dataset("mnist"))
+    manager = JobManager(load=load_dataset)
+    manager._data["mnist"] = data  # loaded once for both sides
+    # headless before and after the app, averaged: other load on the machine drifts over a run
+    before = headless_steps_per_second(data, threads, args.seconds / 2)
+    app = in_app(manager, args.seconds)
+    manager.shutdown()
+    headless = (before + headless_steps_per_second(data, threads, args.seconds / 2)) / 2
+    all_cores = headless_steps_per_second(data, os.cpu_count() or 1, min(args.seconds, 5.0))
+    lat = app["latencies_ms"]
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cores": os.cpu_count(), "torch_threads": threads,
+        "model": "default settings: MNIST, MLP 3x100 sigmoid, N(0,1) init, SGD lr 0.5, batch 60; BN vs none",
+        "latency_ms": {"median": statistics.median(lat), "p95": percentile(lat, 95), "n": len(lat),
+                       "presses": app["presses"]},
+        "chart_updates_per_second": app["updates_per_second"],
+        "ping_ms": {"median": statistics.median(app["ping_ms"]), "p95": percentile(app["ping_ms"], 95)},
+        "steps_per_second": {"in_app": app["steps_per_second"], "headless": headless,
+                             "ratio": app["steps_per_second"] / headless,
+                             f"headless_{os.cpu_count()}_threads": all_cores},
+    }
+    ok = {"p95 latency <= 50 ms": result["latency_ms"]["p95"] <= 50,
+          ">= 15 chart updates/s": result["chart_updates_per_second"] >= 15,
+          "in-app >= 80% of headless": result["steps_per_second"]["ratio"] >= 0.8}
+    print(f"slider -> redraw latency: median {result['latency_ms']['median']:.1f} ms, "
+          f"p95 {result['latency_ms']['p95']:.1f} ms ({len(lat)} redraws of {app['presses']} key presses)")
+    print(f"chart updates: {result['chart_updates_per_second']:.1f} /s")
+    print(f"WebSocket ping: median {result['ping_ms']['median']:.1f} ms, p95 {result['ping_ms']['p95']:.1f} ms")
+    s = result["steps_per_second"]
+    print(f"training steps/s (two networks per step): in app {s['in_app']:.0f}, headless {s['headless']:.0f} "
+          f"({threads} torch thread{'s' if threads > 1 else ''}) -> {100 * s['ratio']:.0f}%; "
+          f"headless with {os.cpu_count()} threads: {all_cores:.0f}")
+    for bar, passed in ok.items():
+        print(f"  {'PASS' if passed else 'FAIL'}  {bar}")
+    print(json.dumps(result))
+    return 0 if all(ok.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
