@@ -17,7 +17,7 @@ from bnlab.experiments.settings import apply_settings, parse_settings
 from bnlab.models import ModelSpec
 from bnlab.report.compare_report import format_table, write_report
 from bnlab.stats import welch_diff
-from bnlab.store import RunStore, config_key
+from bnlab.store import SCHEMA_VERSION, RunStore, config_key
 from bnlab.train import StackedTrainer, TrainConfig, prepare_data
 from bnlab.train.engine import stratified_subset
 from bnlab.train.runner import group_config
@@ -185,7 +185,7 @@ def test_legacy_runs_are_marked_as_shared_batches_and_keep_their_group(tmp_path)
     redone = TrainConfig.from_dict(train)
     assert migrated.group_key == config_key(group_config("old", spec, redone, [0]))  # resume finds it
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 def test_milestones_are_the_first_evaluation_of_each_epoch_and_the_last_step():

@@ -41,15 +41,17 @@ def test_first_step_reaching():
 
 def test_store_roundtrip_and_truncate(tmp_path):
     store = RunStore(tmp_path / "runs.sqlite")
-    group, (a, b) = store.create_group("key1", [("x", 0, {"seed": 0}), ("x", 1, {"seed": 1})], 100, "test")
-    store.mark(group, "running")
-    store.log_metrics(10, [(a, "acc", 0.5), (b, "acc", 0.6)], steps_done=10, group_id=group)
-    store.log_metrics(20, [(a, "acc", 0.7), (b, "acc", float("nan"))], steps_done=20, group_id=group)
+    state, group, (a, b) = store.claim_group("key1", [("x", 0, {"seed": 0}), ("x", 1, {"seed": 1})], 100, "test")
+    assert state == "new"
+    store.log_metrics(10, [(a, "acc", 0.5), (b, "acc", 0.6)])
+    store.heartbeat(group, steps_done=10)
+    store.log_metrics(20, [(a, "acc", 0.7), (b, "acc", float("nan"))])
     assert store.metrics(a)["acc"] == [(10, 0.5), (20, 0.7)]
     assert store.metrics(b)["acc"][1] == (20, None)  # NaN is stored as NULL, not lost
     assert store.truncate_metrics(group, after_step=10) == 2
     assert store.metrics(a)["acc"] == [(10, 0.5)]
-    assert store.run(a[:6]).steps_done == 20 and store.run(a).effective_status == "running"
+    # steps_done is what a resume would restart from (the last checkpoint), not the last logged step
+    assert store.run(a[:6]).steps_done == 10 and store.run(a).effective_status == "running"
     with pytest.raises(StoreError, match="no run with id"):
         store.run("zzzz")
     assert config_key({"b": 1, "a": [1, 2]}) == config_key({"a": [1, 2], "b": 1})
@@ -57,17 +59,17 @@ def test_store_roundtrip_and_truncate(tmp_path):
 
 def test_dead_process_reads_as_interrupted(tmp_path):
     store = RunStore(tmp_path / "runs.sqlite")
-    group, (a,) = store.create_group("k", [("x", 0, {})], 10, "test")
-    store.mark(group, "running")
+    _, group, (a,) = store.claim_group("k", [("x", 0, {})], 10, "test")
     store._db.execute("UPDATE runs SET pid = 999999999")  # no such process
     assert store.run(a).effective_status == "interrupted"
 
 
 def _writer(path, label, n):
     store = RunStore(path)
-    group, (run_id,) = store.create_group(label, [(label, 0, {})], n, "test")
+    _, group, (run_id,) = store.claim_group(label, [(label, 0, {})], n, "test")
     for step in range(n):
-        store.log_metrics(step, [(run_id, "v", float(step))], steps_done=step, group_id=group)
+        store.log_metrics(step, [(run_id, "v", float(step))])
+        store.heartbeat(group, steps_done=step)
     store.close()
 
 

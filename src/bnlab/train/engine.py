@@ -16,8 +16,10 @@ full test set in float32.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -30,11 +32,12 @@ from torch import Tensor, nn
 from bnlab.data import Dataset
 from bnlab.models.fused import StackedConv2d, StackedLinear, StackedModel, per_model_cross_entropy
 from bnlab.models.spec import ModelSpec, build_model
+from bnlab.store import DiskFullError, disk_full_message
 from bnlab.train.config import TrainConfig
 from bnlab.train.mixed_precision import MasterWeightOptimizer, master_weight_kernels_available
 
 __all__ = ["TrainData", "StackedTrainer", "StopRequested", "graceful_stop", "prepare_data", "EvalPlan",
-           "stratified_subset", "batch_order"]
+           "stratified_subset", "batch_order", "CheckpointDamaged", "load_checkpoint_file", "previous_checkpoint"]
 
 # A probe reads the trainer at an evaluation step and returns per-model values: {name: tensor of shape (K,)}.
 Probe = Callable[["StackedTrainer"], dict[str, Tensor]]
@@ -131,6 +134,36 @@ def batch_order(data_seed: int, seed: int | None, epoch: int, n: int) -> Tensor:
         digest = hashlib.blake2b(f"bnlab/{data_seed}/{seed}/{epoch}".encode(), digest_size=8).digest()
         key = int.from_bytes(digest, "little") >> 1
     return torch.randperm(n, generator=torch.Generator().manual_seed(key))
+
+
+class CheckpointDamaged(RuntimeError):
+    """A checkpoint file cannot be read back (truncated, corrupt); the message names it."""
+
+
+def previous_checkpoint(path: Path) -> Path:
+    """Where :meth:`StackedTrainer.save_checkpoint` keeps the checkpoint that ``path`` replaced."""
+    return path.with_suffix(".prev.pt")
+
+
+def load_checkpoint_file(path: Path) -> dict:
+    """A checkpoint's state; :class:`CheckpointDamaged` if the file cannot be read back."""
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception as exc:  # a truncated zip, a bad pickle, garbage: whatever torch.load meets
+        raise CheckpointDamaged(f"checkpoint {path} is damaged ({type(exc).__name__})") from exc
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointDamaged(f"checkpoint {path} is damaged (not a bnlab checkpoint)")
+    return state
+
+
+def _out_of_space(exc: BaseException, directory: Path) -> bool:
+    """Whether a failed write was for want of space (torch's zip writer reports only "file write failed")."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    try:
+        return "write failed" in str(exc) and shutil.disk_usage(directory).free < 64 * 2**20
+    except OSError:
+        return False
 
 
 class StopRequested(Exception):
@@ -368,13 +401,26 @@ class StackedTrainer:
         self._interval_steps = state["interval_steps"]
 
     def save_checkpoint(self, path: Path) -> None:
+        """Write the state to ``path``, keeping the one it replaces as :func:`previous_checkpoint`.
+
+        Written to a ``.partial`` file first and renamed: a crash mid-write leaves the last complete
+        checkpoint in place. Raises :class:`~bnlab.store.DiskFullError` (and removes the partial
+        file) when the disk is full."""
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
-        torch.save(self.state_dict(), partial)
-        os.replace(partial, path)  # atomic: the previous checkpoint survives a crash mid-write
+        try:
+            torch.save(self.state_dict(), partial)
+        except (OSError, RuntimeError) as exc:
+            partial.unlink(missing_ok=True)
+            if _out_of_space(exc, path.parent):
+                raise DiskFullError(disk_full_message(path.parent)) from exc
+            raise
+        if path.exists():
+            os.replace(path, previous_checkpoint(path))
+        os.replace(partial, path)
 
     def load_checkpoint(self, path: Path) -> None:
-        self.load_state_dict(torch.load(path, weights_only=False))
+        self.load_state_dict(load_checkpoint_file(path))
 
     # -- the loop -----------------------------------------------------------------------------
 

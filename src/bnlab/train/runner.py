@@ -15,6 +15,7 @@ and records metrics at each evaluation step, a checkpoint every
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,9 +27,10 @@ from tqdm import tqdm
 import bnlab
 from bnlab.data import Dataset, load_dataset
 from bnlab.models.spec import ModelSpec
-from bnlab.store import RunStore, StoreError, config_key
+from bnlab.store import HEARTBEAT_SECONDS, DiskFullError, RunStore, StoreError, config_key
 from bnlab.train.config import TrainConfig
-from bnlab.train.engine import Probe, StackedTrainer, StopRequested, graceful_stop, prepare_data
+from bnlab.train.engine import (CheckpointDamaged, Probe, StackedTrainer, StopRequested, graceful_stop,
+                                load_checkpoint_file, prepare_data, previous_checkpoint)
 
 __all__ = ["GroupResult", "StartFrom", "run_group", "resume", "trained_models", "group_config", "code_version"]
 
@@ -105,19 +107,9 @@ def run_group(
 ) -> GroupResult:
     config = group_config(label, spec, cfg, seeds, start_from)
     key = config_key(config)
-    groups: dict[str, list] = {}
-    for record in store.runs(group_key=key):
-        groups.setdefault(record.group_id, []).append(record)
-    for group_id, records in groups.items():
+    for group_id, records in _groups(store, key).items():  # the cheap path of a rerun: no data, no model
         if all(r.status == "finished" for r in records):
-            return GroupResult(group_id, [r.id for r in records], True, records[0].wall_seconds, None)
-    resumable = None
-    for group_id, records in groups.items():
-        status = records[0].effective_status
-        if status == "running":
-            raise StoreError(f"an identical job ({label}, group {group_id}) is running in process "
-                             f"{records[0].pid}; wait for it or stop it first")
-        resumable = resumable or (group_id, records)
+            return _reused(store, group_id, seeds)
 
     clock = time.perf_counter()
     dataset = dataset if dataset is not None else load_dataset(cfg.dataset)
@@ -125,31 +117,75 @@ def run_group(
     built = time.perf_counter()
     trainer = StackedTrainer(spec, cfg, seeds, data, probes)
     if start_from is not None:
-        start = store.checkpoint_path(start_from.group_id)
-        origin = store.runs(group_id=start_from.group_id)
-        if not origin or any(r.status != "finished" for r in origin):
-            raise StoreError(f"group {start_from.group_id} has not finished training; finish it before "
-                             f"starting {label} from it")
-        if origin[0].config["model"] != spec.to_dict() or origin[0].config["seeds"] != list(seeds):
-            raise StoreError(f"group {start_from.group_id} has another model or other seeds than {label}")
-        if not start.exists():
-            raise StoreError(f"group {start_from.group_id} has no checkpoint to start {label} from; train it first")
-        trainer.model.load_state_dict(torch.load(start, weights_only=False)["model"])
-        if start_from.prepare is not None:
-            start_from.prepare(trainer)
+        _start(store, trainer, start_from, label, spec, seeds)
     phases = {"data": built - clock, "setup": time.perf_counter() - built}
-    if resumable is not None:
-        group_id, records = resumable
-        run_ids = [r.id for r in sorted(records, key=lambda r: seeds.index(r.seed))]
-        checkpoint = store.checkpoint_path(group_id)
-        if checkpoint.exists():
-            trainer.load_checkpoint(checkpoint)
-        store.truncate_metrics(group_id, after_step=trainer.step)
-    else:
-        group_id, run_ids = store.create_group(
-            key, [(label, s, {**config, "seed": s}) for s in seeds], trainer.total_steps, code_version()
-        )
+
+    def waiting(owner) -> None:
+        print(f"bnlab: {label}: an identical job (process {owner.pid} on {owner.host}) is training it; "
+              "waiting to reuse its result", file=sys.stderr)
+
+    state, group_id, run_ids = store.claim_group(key, [(label, s, {**config, "seed": s}) for s in seeds],
+                                                 trainer.total_steps, code_version(), on_wait=waiting)
+    if state == "finished":
+        return _reused(store, group_id, seeds)
+    try:
+        if state == "resume":
+            _restore(store, trainer, group_id)
+    except BaseException:
+        store.mark(group_id, "interrupted")
+        raise
     return _train(store, trainer, group_id, run_ids, label, progress, phases)
+
+
+def _groups(store: RunStore, key: str) -> dict[str, list]:
+    groups: dict[str, list] = {}
+    for record in store.runs(group_key=key):
+        groups.setdefault(record.group_id, []).append(record)
+    return groups
+
+
+def _reused(store: RunStore, group_id: str, seeds: list[int]) -> GroupResult:
+    records = sorted(store.runs(group_id=group_id), key=lambda r: seeds.index(r.seed))
+    return GroupResult(group_id, [r.id for r in records], True, records[0].wall_seconds, None)
+
+
+def _start(store: RunStore, trainer: StackedTrainer, start_from: StartFrom, label: str, spec: ModelSpec,
+           seeds: list[int]) -> None:
+    start = store.checkpoint_path(start_from.group_id)
+    origin = store.runs(group_id=start_from.group_id)
+    if not origin or any(r.status != "finished" for r in origin):
+        raise StoreError(f"group {start_from.group_id} has not finished training; finish it before "
+                         f"starting {label} from it")
+    if origin[0].config["model"] != spec.to_dict() or origin[0].config["seeds"] != list(seeds):
+        raise StoreError(f"group {start_from.group_id} has another model or other seeds than {label}")
+    if not start.exists():
+        raise StoreError(f"group {start_from.group_id} has no checkpoint to start {label} from; train it first")
+    trainer.model.load_state_dict(load_checkpoint_file(start)["model"])
+    if start_from.prepare is not None:
+        start_from.prepare(trainer)
+
+
+def _restore(store: RunStore, trainer: StackedTrainer, group_id: str) -> None:
+    """Load an interrupted group's latest readable checkpoint (the one before it if the latest is
+    damaged, else none: a restart from step 0), say which when it is not the latest, and drop the
+    metrics logged after it."""
+    latest = store.checkpoint_path(group_id)
+    damaged = []
+    for path in (latest, previous_checkpoint(latest)):
+        if not path.exists():
+            continue
+        try:
+            state = load_checkpoint_file(path)
+        except CheckpointDamaged as exc:
+            damaged.append(str(exc))
+            continue
+        trainer.load_state_dict(state)
+        break
+    if damaged:
+        where = f"resuming from step {trainer.step}" if trainer.step else "restarting the group from step 0"
+        print(f"bnlab: {'; '.join(damaged)}; {where}", file=sys.stderr)
+    store.truncate_metrics(group_id, after_step=trainer.step)
+    store.heartbeat(group_id, steps_done=trainer.step)
 
 
 def resume(store: RunStore, run_id: str, *, progress: bool = True) -> GroupResult:
@@ -173,52 +209,77 @@ def trained_models(store: RunStore, group_id: str) -> list:
     spec = ModelSpec.from_dict(config["model"])
     shared = TrainConfig.from_dict(config["train"]).data_order == "shared"  # the first layer's weight layout
     stacked = StackedModel([build_model(spec, seed=s) for s in config["seeds"]], shared_input=shared)
-    stacked.load_state_dict(torch.load(store.checkpoint_path(group_id), weights_only=False)["model"])
+    stacked.load_state_dict(load_checkpoint_file(store.checkpoint_path(group_id))["model"])
     return stacked.write_back()
 
 
 def _train(store: RunStore, trainer: StackedTrainer, group_id: str, run_ids: list[str], label: str,
            progress: bool, phases: dict[str, float]) -> GroupResult:
+    """Train a group this process holds the lease of; the store's wall time and ``steps_done``
+    advance with each heartbeat and checkpoint, so a killed process loses neither its bookkeeping
+    nor more than the steps since its last checkpoint."""
     checkpoint = store.checkpoint_path(group_id)
     start_step, started = trainer.step, time.perf_counter()
-    store.mark(group_id, "running", steps_done=trainer.step)
+    banked = started  # wall time up to here is in the store
+
+    def bank(**extra) -> None:
+        nonlocal banked
+        now = time.perf_counter()
+        store.heartbeat(group_id, add_wall_seconds=now - banked, **extra)
+        banked = now
 
     def log(step: int, metrics: dict[str, torch.Tensor]) -> None:
         values = [(run_ids[k], name, float(v[k])) for name, v in metrics.items() for k in range(trainer.k)]
-        store.log_metrics(step, values, steps_done=step, group_id=group_id)
+        store.log_metrics(step, values)
         if "test_acc" in metrics:
             bar.set_postfix(test_acc=f"{metrics['test_acc'].mean():.4f}", refresh=False)
 
     def save(step: int) -> None:
         trainer.save_checkpoint(checkpoint)
+        bank(steps_done=step)
+
+    def advance(steps: int) -> None:
+        bar.update(steps)
+        if time.perf_counter() - banked >= HEARTBEAT_SECONDS:
+            bank()
 
     bar = tqdm(total=trainer.total_steps, initial=trainer.step, desc=f"{label} ×{trainer.k}", unit="step",
                disable=not progress, mininterval=0.5, dynamic_ncols=True, leave=True)
     try:
         with graceful_stop() as flag:
-            trainer.run(on_eval=log, on_checkpoint=save, progress=bar.update, stop_flag=flag)
-    except (StopRequested, KeyboardInterrupt):
-        # StopRequested saved a checkpoint at this step; a forced second Ctrl-C resumes
-        # from the last periodic one (the store's steps_done says which).
-        store.mark(group_id, "interrupted", add_wall_seconds=time.perf_counter() - started)
+            trainer.run(on_eval=log, on_checkpoint=save, progress=advance, stop_flag=flag)
+        measuring = time.perf_counter()
+        final = trainer.final_metrics()
+        log(trainer.total_steps, final)
+        trainer.timings["evaluation"] += time.perf_counter() - measuring
+        saving = time.perf_counter()
+        trainer.save_checkpoint(checkpoint)  # the trained models, for later inspection
+        trainer.timings["checkpoints"] += time.perf_counter() - saving
+    except (StopRequested, KeyboardInterrupt, DiskFullError):
+        # StopRequested saved a checkpoint at this step; a forced second Ctrl-C or a full disk
+        # resumes from the last periodic one (the store's steps_done says which).
+        _end(store, group_id, "interrupted", time.perf_counter() - banked)
         raise
     except BaseException:
-        store.mark(group_id, "failed", add_wall_seconds=time.perf_counter() - started)
+        _end(store, group_id, "failed", time.perf_counter() - banked)
         raise
     finally:
         bar.close()
-    measuring = time.perf_counter()
-    final = trainer.final_metrics()
-    log(trainer.total_steps, final)
-    trainer.timings["evaluation"] += time.perf_counter() - measuring
-    saving = time.perf_counter()
-    trainer.save_checkpoint(checkpoint)  # the trained models, for later inspection
-    trainer.timings["checkpoints"] += time.perf_counter() - saving
-    elapsed = time.perf_counter() - started
     phases = {**phases, **trainer.timings}
     for k, run_id in enumerate(run_ids):
         store.set_summary(run_id, {**{name: float(v[k]) for name, v in final.items()},
                                    "evaluation": trainer.eval_plan.describe(), "phases_seconds": phases})
-    store.mark(group_id, "finished", steps_done=trainer.step, add_wall_seconds=elapsed)
-    rate = (trainer.step - start_step) / elapsed if elapsed > 0 else None
-    return GroupResult(group_id, run_ids, False, elapsed, rate, phases)
+    segment = time.perf_counter() - started
+    store.mark(group_id, "finished", steps_done=trainer.step, add_wall_seconds=time.perf_counter() - banked)
+    rate = (trainer.step - start_step) / segment if segment > 0 else None
+    total_wall = store.runs(group_id=group_id)[0].wall_seconds  # every segment, killed ones included
+    return GroupResult(group_id, run_ids, False, total_wall, rate, phases)
+
+
+def _end(store: RunStore, group_id: str, status: str, add_wall_seconds: float) -> None:
+    """Release the lease; if the store itself cannot be written (a full disk), the lease expires instead."""
+    try:
+        store.mark(group_id, status, add_wall_seconds=add_wall_seconds)
+    except StoreError as exc:
+        print(f"bnlab: could not mark group {group_id} {status} ({exc}); it will read as interrupted",
+              file=sys.stderr)
