@@ -4,7 +4,7 @@ A *kernel* does the arithmetic of one batch-norm call; policy (validation,
 which statistics, the non-finite guard) stays in :mod:`bnlab.functional.norms`.
 Built in, tried in this order:
 
-* ``"native"``: torch's ATen kernel (``torch.batch_norm``). It computes every
+* ``"native"``: torch's kernel (``F.batch_norm``, so torch's checks too). It computes every
   semantics bnlab's BatchNorm needs today, so it serves every layout.
 * ``"composite"``: :func:`~bnlab.functional.core.compute_stats`,
   :func:`~bnlab.functional.core.update_running_stats` and
@@ -21,9 +21,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from bnlab.functional.core import channel_view, compute_stats, normalize, update_running_stats
 
@@ -74,6 +76,12 @@ def memory_layout(x: Tensor) -> str:
     return "strided"
 
 
+def _bessel_rescale(x: Tensor, correction: int) -> float:
+    """s = (n-1)/(n-c): ATen's update of ``running_var / s``, times s, stores ``var * n / (n - c)``."""
+    n = x.numel() // x.size(1)
+    return (n - 1) / (n - correction)
+
+
 @contextlib.contextmanager
 def corrected_running_var(x: Tensor, running_var: Tensor | None, training: bool, correction: int):
     """Yield the buffer to hand to ATen so that its update stores ``var * n / (n - correction)``.
@@ -86,18 +94,35 @@ def corrected_running_var(x: Tensor, running_var: Tensor | None, training: bool,
     if not (training and running_var is not None and correction != 1 and x.numel() > 0):
         yield running_var
         return
-    n = x.numel() // x.size(1)
-    s = (n - 1) / (n - correction)
+    s = _bessel_rescale(x, correction)
     scaled = running_var / s
     yield scaled
     with torch.no_grad():
         running_var.copy_(scaled * s)  # not in place on `scaled`: autograd saved it
 
 
-def _native_kernel(x, running_mean, running_var, weight, bias, training, momentum, eps, correction):
-    with corrected_running_var(x, running_var, training, correction) as rv:
-        return torch.batch_norm(x, weight, bias, running_mean, rv, training, momentum, eps,
-                                torch.backends.cudnn.enabled)
+def native_batch_norm(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+    correction: int,
+) -> Tensor:
+    """The ``"native"`` kernel: ``torch.nn.functional.batch_norm`` itself (torch's checks, and the call
+    ``__torch_function__`` overrides see), with :func:`corrected_running_var`'s rescaling for a
+    correction other than 1. Written without a context manager so that TorchScript compiles it."""
+    if training and running_var is not None and correction != 1 and x.numel() > 0:
+        s = _bessel_rescale(x, correction)
+        scaled = running_var / s
+        y = F.batch_norm(x, running_mean, scaled, weight, bias, training, momentum, eps)
+        with torch.no_grad():
+            running_var.copy_(scaled * s)  # not in place on `scaled`: autograd saved it
+        return y
+    return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
 def _composite_kernel(x, running_mean, running_var, weight, bias, training, momentum, eps, correction):
@@ -123,7 +148,14 @@ def _composite_kernel(x, running_mean, running_var, weight, bias, training, mome
 
 
 # Tried first to last; register_kernel puts new kernels in front.
-_KERNELS: list[Kernel] = [Kernel("native", _native_kernel), Kernel("composite", _composite_kernel)]
+_NATIVE = Kernel("native", native_batch_norm)
+_KERNELS: list[Kernel] = [_NATIVE, Kernel("composite", _composite_kernel)]
+
+
+def native_is_first_choice() -> bool:
+    """True while no faster kernel is registered in front of ``"native"`` (which accepts every input),
+    so :func:`batch_norm` can skip the per-call selection."""
+    return _KERNELS[0] is _NATIVE
 
 
 def register_kernel(kernel: Kernel) -> None:

@@ -9,45 +9,57 @@ running statistics mean.
 from __future__ import annotations
 
 import contextlib
+from typing import List, Optional
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from bnlab.functional.compiled import load_kernels
 from bnlab.functional.core import channel_view, compute_stats, normalize
-from bnlab.functional.kernels import corrected_running_var, memory_layout, select_kernel
+from bnlab.functional.kernels import (
+    corrected_running_var,
+    memory_layout,
+    native_batch_norm,
+    native_is_first_choice,
+    select_kernel,
+)
 
 __all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "batch_renorm", "ghost_batch_norm"]
 
 
+_ONE_VALUE_ADVICE = (
+    " A batch variance needs at least 2 values per channel; with 1 the output would be all zeros "
+    "(or NaN in the running variance). Usual cause: the last, incomplete batch of an epoch has "
+    "size 1. Fix it with DataLoader(..., drop_last=True), a larger batch, or eval() mode for "
+    "single-sample inference; for genuinely tiny batches use GroupNorm or LayerNorm."
+)
+
+
 def _check_enough_values(x: Tensor) -> None:
+    """torch's ``_verify_batch_size`` with bnlab's advice, for the paths that do not go through ``F.batch_norm``."""
     values_per_channel = x.size(0)
     for d in x.shape[2:]:
         values_per_channel *= d
     if values_per_channel == 1:
         # Same opening words as torch, so code that matches torch's message still does.
         raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}. "
-            "A batch variance needs at least 2 values per channel; with 1 the output would be all zeros "
-            "(or NaN in the running variance). Usual cause: the last, incomplete batch of an epoch has "
-            "size 1. Fix it with DataLoader(..., drop_last=True), a larger batch, or eval() mode for "
-            "single-sample inference; for genuinely tiny batches use GroupNorm or LayerNorm."
+            f"Expected more than 1 value per channel when training, got input size {x.size()}." + _ONE_VALUE_ADVICE
         )
 
 
 def batch_norm(
     input: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
-    *,
     running_var_correction: int = 1,
     skip_nonfinite_update: bool = False,
-    kernel: str | None = None,
+    kernel: Optional[str] = None,
 ) -> Tensor:
     r"""Batch normalization over dim 1 of an ``(N, C, *)`` input.
 
@@ -66,6 +78,12 @@ def batch_norm(
     **During inference** (``training=False``), :math:`\mu` and
     :math:`\sigma^2` are ``running_mean`` and ``running_var``.
 
+    With the defaults (``running_var_correction=1``, no guard, no registered
+    kernel) this *is* ``torch.nn.functional.batch_norm``: the same call, the
+    same checks, and what ``__torch_function__`` overrides and modes see.
+    The other arguments are also TorchScript-compatible (keyword arguments
+    are accepted, not required), so modules built on it script.
+
     Args:
         input: ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)``;
             any memory layout; float16/bfloat16 inputs are reduced in float32.
@@ -74,7 +92,8 @@ def batch_norm(
         weight, bias: ``(C,)`` affine parameters :math:`\gamma, \beta`, or None.
         momentum: weight of the new batch in the moving averages (PyTorch
             direction; Keras' ``momentum=0.99`` is ``0.01`` here).
-        eps: added to the variance before the square root.
+        eps: added to the variance before the square root; as in torch it must
+            be positive in training and non-negative in inference.
         running_var_correction: 1 stores the unbiased variance (PyTorch), 0
             the biased one (Keras, Flax, ONNX).
         skip_nonfinite_update: leave the running buffers untouched when the
@@ -84,152 +103,253 @@ def batch_norm(
             the first registered kernel that accepts the input.
 
     Raises:
-        ValueError: in training, when there is only one value per channel.
+        ValueError: in training, when there is only one value per channel, or
+            eps is not positive; an input with fewer than 2 dims; inference
+            without running statistics.
     """
-    if input.dim() < 2:
-        raise ValueError(f"batch_norm expects an input of shape (N, C, *), got shape {tuple(input.shape)}")
-    if training:
-        _check_enough_values(input)
-    elif running_mean is None or running_var is None:
-        raise ValueError(
-            "batch_norm with training=False normalizes with the running statistics, "
-            "so running_mean and running_var must be given"
-        )
-    chosen = select_kernel(input, running_var_correction, kernel)
-    if not (skip_nonfinite_update and training and input.numel() > 0):  # the hot path: straight to the kernel
-        return chosen.fn(
-            input, running_mean, running_var, weight, bias, training, momentum, eps, running_var_correction
-        )
-    with _keep_if_finite(running_mean, running_var, True) as (target_mean, target_var):
-        return chosen.fn(
-            input, target_mean, target_var, weight, bias, training, momentum, eps, running_var_correction
-        )
+    if torch.jit.is_scripting():
+        return _guarded_native_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                          running_var_correction, skip_nonfinite_update)
+    return _eager_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                             running_var_correction, skip_nonfinite_update, kernel)
+
+
+@torch.jit.unused
+def _eager_batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+    running_var_correction: int,
+    skip_nonfinite_update: bool,
+    kernel: Optional[str],
+) -> Tensor:
+    """``batch_norm`` outside TorchScript: the kernel registry, and advice in the error messages."""
+    # No checks up front: torch's own (in F.batch_norm) run first and modes see exactly
+    # torch's calls; errors are explained after the fact, which costs nothing when none occur.
+    try:
+        if kernel is None and native_is_first_choice():  # the hot path: F.batch_norm, nothing else
+            return _guarded_native_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                                              eps, running_var_correction, skip_nonfinite_update)
+        if input.dim() >= 2 and training:
+            _check_enough_values(input)
+        chosen = select_kernel(input, running_var_correction, kernel)
+        if not (skip_nonfinite_update and training and input.numel() > 0):
+            return chosen.fn(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                             running_var_correction)
+        with _keep_if_finite(running_mean, running_var, True) as (target_mean, target_var):
+            return chosen.fn(input, target_mean, target_var, weight, bias, training, momentum, eps,
+                             running_var_correction)
+    except (RuntimeError, ValueError, IndexError) as error:
+        if input.dim() < 2:
+            raise ValueError(
+                f"batch_norm expects an input of shape (N, C, *), got shape {tuple(input.shape)}") from error
+        if not training and (running_mean is None or running_var is None):
+            raise ValueError(
+                "batch_norm with training=False normalizes with the running statistics, "
+                "so running_mean and running_var must be given") from error
+        if isinstance(error, ValueError) and str(error).startswith("Expected more than 1 value per channel") \
+                and _ONE_VALUE_ADVICE not in str(error):
+            raise ValueError(str(error) + _ONE_VALUE_ADVICE) from error
+        raise
+
+
+def _guarded_native_batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+    correction: int,
+    skip_nonfinite_update: bool,
+) -> Tensor:
+    """The native kernel with the optional non-finite guard, written so that TorchScript compiles it.
+
+    The guard updates copies of the buffers and keeps them only if every value is finite: a
+    branch-free select, so no host sync and no data-dependent control flow for torch.compile.
+    """
+    if not (skip_nonfinite_update and training and input.numel() > 0):
+        return native_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, correction)
+    new_mean = None if running_mean is None else running_mean.clone()
+    new_var = None if running_var is None else running_var.clone()
+    y = native_batch_norm(input, new_mean, new_var, weight, bias, training, momentum, eps, correction)
+    _commit_if_finite(running_mean, new_mean, running_var, new_var)
+    return y
+
+
+def _commit_if_finite(running_mean: Optional[Tensor], new_mean: Optional[Tensor],
+                      running_var: Optional[Tensor], new_var: Optional[Tensor]) -> None:
+    """Copy the updated buffers back into the running ones, unless any updated value is non-finite."""
+    with torch.no_grad():
+        finite: Optional[Tensor] = None
+        for new in [new_mean, new_var]:
+            if new is not None:
+                ok = torch.isfinite(new).all()
+                finite = ok if finite is None else finite & ok
+        if finite is not None:
+            if running_mean is not None and new_mean is not None:
+                running_mean.copy_(torch.where(finite, new_mean, running_mean))
+            if running_var is not None and new_var is not None:
+                running_var.copy_(torch.where(finite, new_var, running_var))
 
 
 @contextlib.contextmanager
 def _keep_if_finite(running_mean: Tensor | None, running_var: Tensor | None, enabled: bool):
     """Yield the buffers an update should write to; with ``enabled``, copies that are kept only if
-    every updated value is finite. The choice is a branch-free select, so there is no host sync and
-    no data-dependent control flow for torch.compile."""
+    every updated value is finite (:func:`_commit_if_finite`)."""
     if not enabled or (running_mean is None and running_var is None):
         yield running_mean, running_var
         return
     new_mean = None if running_mean is None else running_mean.clone()
     new_var = None if running_var is None else running_var.clone()
     yield new_mean, new_var
-    with torch.no_grad():
-        finite = torch.ones((), dtype=torch.bool, device=(new_mean if new_mean is not None else new_var).device)
-        for new in (new_mean, new_var):
-            if new is not None:
-                finite = finite & torch.isfinite(new).all()
-        for old, new in ((running_mean, new_mean), (running_var, new_var)):
-            if old is not None:
-                old.copy_(torch.where(finite, new, old))
+    _commit_if_finite(running_mean, new_mean, running_var, new_var)
+
 
 def layer_norm(
     input: Tensor,
-    normalized_shape: tuple[int, ...],
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
+    normalized_shape: List[int],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
     eps: float = 1e-5,
-    *,
-    kernel: str | None = None,
+    kernel: Optional[str] = None,
 ) -> Tensor:
     r"""Layer normalization over the last ``len(normalized_shape)`` dims of each sample.
 
     .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
 
     Statistics (biased variance) are per sample, the same in training and
-    inference; ``weight``/``bias`` have shape ``normalized_shape``.
-    ``kernel="composite"`` uses :func:`compute_stats` and :func:`normalize`
-    instead of torch's native kernel (same result; the oracle).
+    inference; ``weight``/``bias`` have shape ``normalized_shape``. By default
+    this is ``torch.nn.functional.layer_norm`` (its checks, and the call
+    ``__torch_function__`` sees); ``kernel="composite"`` uses
+    :func:`compute_stats` and :func:`normalize` instead (same result; the oracle).
     """
-    if kernel is None:  # the common case first: nothing between the caller and ATen
-        return torch.layer_norm(input, normalized_shape, weight, bias, eps, torch.backends.cudnn.enabled)
-    normalized_shape = tuple(normalized_shape)
+    if kernel is None or torch.jit.is_scripting():  # the common case: nothing between the caller and torch
+        return F.layer_norm(input, normalized_shape, weight, bias, eps)
+    return _layer_norm_by_name(input, normalized_shape, weight, bias, eps, kernel)
+
+
+@torch.jit.unused
+def _layer_norm_by_name(input: Tensor, normalized_shape: List[int], weight: Optional[Tensor],
+                        bias: Optional[Tensor], eps: float, kernel: str) -> Tensor:
+    _check_kernel_name(kernel)
     if kernel == "composite":
         dims = tuple(range(-len(normalized_shape), 0))
         mean, var = compute_stats(input, dims, keepdim=True)
         return normalize(input, mean, var, weight, bias, eps)
-    _check_kernel_name(kernel)
-    return torch.layer_norm(input, normalized_shape, weight, bias, eps, torch.backends.cudnn.enabled)
+    return F.layer_norm(input, normalized_shape, weight, bias, eps)
 
 
 def group_norm(
     input: Tensor,
     num_groups: int,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
     eps: float = 1e-5,
-    *,
-    kernel: str | None = None,
+    kernel: Optional[str] = None,
 ) -> Tensor:
     r"""Group normalization: statistics per sample over each group of ``C / num_groups`` channels
     (and all spatial positions); per-channel affine. ``num_groups=1`` is layer norm over
     (C, \*), ``num_groups=C`` is instance norm. Same in training and inference.
+
+    By default this is ``torch.nn.functional.group_norm``, with its checks: a ``RuntimeError``
+    for fewer than 2 dims, a ``ValueError`` for one value per group (whose variance would be 0
+    and the output all zeros). ``kernel="composite"`` uses the core building blocks.
     """
-    if kernel is None:  # ATen checks the group count itself
-        return torch.group_norm(input, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
+    if kernel is None or torch.jit.is_scripting():  # F.group_norm and ATen check the shapes themselves
+        return F.group_norm(input, num_groups, weight, bias, eps)
+    return _group_norm_by_name(input, num_groups, weight, bias, eps, kernel)
+
+
+@torch.jit.unused
+def _group_norm_by_name(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                        eps: float, kernel: str) -> Tensor:
+    _check_kernel_name(kernel)
+    if kernel != "composite":
+        return F.group_norm(input, num_groups, weight, bias, eps)
+    if input.dim() < 2:
+        raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
     n, c = input.shape[:2]
     if c % num_groups:
         raise ValueError(f"num_channels ({c}) must be divisible by num_groups ({num_groups})")
-    if kernel == "composite":
-        grouped = input.reshape(n, num_groups, -1)
-        mean, var = compute_stats(grouped, [2], keepdim=True)
-        y = normalize(grouped, mean, var, eps=eps).reshape(input.shape)
-        if weight is not None:
-            y = y * channel_view(weight, input.dim())
-        if bias is not None:
-            y = y + channel_view(bias, input.dim())
-        return y
-    _check_kernel_name(kernel)
-    return torch.group_norm(input, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
+    grouped = input.reshape(n, num_groups, -1)
+    if grouped.size(2) == 1:
+        raise ValueError(f"Expected more than 1 value per group, got input size {tuple(input.shape)}")
+    mean, var = compute_stats(grouped, [2], keepdim=True)
+    y = normalize(grouped, mean, var, eps=eps).reshape(input.shape)
+    if weight is not None:
+        y = y * channel_view(weight, input.dim())
+    if bias is not None:
+        y = y + channel_view(bias, input.dim())
+    return y
 
 
 def instance_norm(
     input: Tensor,
-    running_mean: Tensor | None = None,
-    running_var: Tensor | None = None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
     use_input_stats: bool = True,
     momentum: float = 0.1,
     eps: float = 1e-5,
-    *,
-    kernel: str | None = None,
+    kernel: Optional[str] = None,
 ) -> Tensor:
     r"""Instance normalization: statistics per (sample, channel) over the spatial dims.
 
     It is batch norm applied to an ``(1, N*C, *)`` view: each instance-channel
     is its own "channel". With running buffers, they move towards the mean over
     instances of the per-instance statistics (unbiased variance), as in torch.
+
+    By default this is ``torch.nn.functional.instance_norm``, with its check: with
+    ``use_input_stats``, one spatial element raises ``ValueError`` (its variance
+    is 0, and the unbiased running variance would become NaN).
+    ``kernel="composite"`` uses the core building blocks.
     """
+    if kernel is None or torch.jit.is_scripting():
+        return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+    return _instance_norm_by_name(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps,
+                                  kernel)
+
+
+@torch.jit.unused
+def _instance_norm_by_name(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                           weight: Optional[Tensor], bias: Optional[Tensor], use_input_stats: bool, momentum: float,
+                           eps: float, kernel: str) -> Tensor:
+    _check_kernel_name(kernel)
+    if kernel != "composite":
+        return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     if input.dim() < 3:
         raise ValueError(f"instance_norm needs spatial dims (N, C, L...), got shape {tuple(input.shape)}")
-    if kernel == "composite":
-        n, c = input.shape[:2]
-        tracked = running_mean is not None and use_input_stats
-        temp_mean = running_mean.repeat(n) if tracked else None
-        temp_var = running_var.repeat(n) if tracked else None
-        flat = input.reshape(1, n * c, *input.shape[2:])
-        if use_input_stats:
-            y = batch_norm(flat, temp_mean, temp_var, None, None, True, momentum, eps, kernel="composite")
-        else:
-            y = batch_norm(flat, running_mean.repeat(n), running_var.repeat(n), None, None, False, momentum, eps,
-                           kernel="composite")
-        if tracked:
-            with torch.no_grad():
-                running_mean.copy_(temp_mean.view(n, c).mean(0))
-                running_var.copy_(temp_var.view(n, c).mean(0))
-        y = y.reshape(input.shape)
-        if weight is not None:
-            y = y * channel_view(weight, input.dim())
-        if bias is not None:
-            y = y + channel_view(bias, input.dim())
-        return y
-    _check_kernel_name(kernel)
-    return torch.instance_norm(input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
-                               torch.backends.cudnn.enabled)
+    if use_input_stats and input[0, 0].numel() == 1:
+        raise ValueError(f"Expected more than 1 spatial element when training, got input size {input.size()}")
+    n, c = input.shape[:2]
+    tracked = running_mean is not None and use_input_stats
+    temp_mean = running_mean.repeat(n) if tracked else None
+    temp_var = running_var.repeat(n) if tracked else None
+    flat = input.reshape(1, n * c, *input.shape[2:])
+    if use_input_stats:
+        y = batch_norm(flat, temp_mean, temp_var, None, None, True, momentum, eps, kernel="composite")
+    else:
+        y = batch_norm(flat, running_mean.repeat(n), running_var.repeat(n), None, None, False, momentum, eps,
+                       kernel="composite")
+    if tracked:
+        with torch.no_grad():
+            running_mean.copy_(temp_mean.view(n, c).mean(0))
+            running_var.copy_(temp_var.view(n, c).mean(0))
+    y = y.reshape(input.shape)
+    if weight is not None:
+        y = y * channel_view(weight, input.dim())
+    if bias is not None:
+        y = y + channel_view(bias, input.dim())
+    return y
 
 
 def batch_renorm(
@@ -563,5 +683,5 @@ class _GhostBatchNorm(torch.autograd.Function):
 
 
 def _check_kernel_name(kernel: str | None) -> None:
-    if kernel not in (None, "native"):
+    if kernel not in (None, "native", "composite"):
         raise ValueError(f"unknown kernel {kernel!r}; choose 'native' (default) or 'composite'")

@@ -35,3 +35,13 @@ __all__ = [
     "LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "make_norm", "NORM_KINDS", "default_groups",
 ]
+
+
+def _register_with_torch_tools() -> None:
+    from bnlab.nn._interop import register_fusers
+
+    register_fusers([BatchNorm1d, BatchRenorm1d, GhostBatchNorm1d], [BatchNorm2d, BatchRenorm2d, GhostBatchNorm2d],
+                    [BatchNorm3d, BatchRenorm3d])
+
+
+_register_with_torch_tools()

@@ -2,7 +2,7 @@
 
 They subclass the ``torch.nn`` classes (same constructor, defaults, checks,
 error messages, parameters and state dict) and route the computation through
-:mod:`bnlab.functional`. None of them depends on the other samples of a batch,
+:mod:`bnlab.functional`, which calls ``torch.nn.functional`` as torch's modules do. None of them depends on the other samples of a batch,
 so they behave the same in training and inference and work at batch size 1,
 which is why the seeds recommend them for small batches and sequence models.
 """
@@ -12,11 +12,12 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from bnlab import functional as BF
+from bnlab.nn._interop import TorchLeaf
 
 __all__ = ["LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
 
-class LayerNorm(nn.LayerNorm):
+class LayerNorm(TorchLeaf, nn.LayerNorm):
     r"""Layer normalization (Ba et al. 2016) over the trailing ``normalized_shape`` dims.
 
     .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
@@ -33,7 +34,7 @@ class LayerNorm(nn.LayerNorm):
         return BF.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
-class GroupNorm(nn.GroupNorm):
+class GroupNorm(TorchLeaf, nn.GroupNorm):
     r"""Group normalization (Wu & He 2018): channels split into ``num_groups`` groups; mean and biased
     variance per sample over each group's channels and all spatial positions; per-channel
     :math:`\gamma, \beta`.
@@ -51,7 +52,7 @@ class GroupNorm(nn.GroupNorm):
 
 
 class _InstanceNormMixin:
-    def _apply_instance_norm(self, input: Tensor) -> Tensor:
+    def _apply_instance_norm(self, input: Tensor) -> Tensor:  # what torch's forward calls after its checks
         return BF.instance_norm(
             input, self.running_mean, self.running_var, self.weight, self.bias,
             self.training or not self.track_running_stats,
@@ -70,13 +71,13 @@ _INSTANCE_DOC = r"""Instance normalization (Ulyanov et al. 2016) over {input_des
     """
 
 
-class InstanceNorm1d(_InstanceNormMixin, nn.InstanceNorm1d):
+class InstanceNorm1d(TorchLeaf, _InstanceNormMixin, nn.InstanceNorm1d):
     __doc__ = _INSTANCE_DOC.format(input_desc="(N, C, L) or (C, L) input")
 
 
-class InstanceNorm2d(_InstanceNormMixin, nn.InstanceNorm2d):
+class InstanceNorm2d(TorchLeaf, _InstanceNormMixin, nn.InstanceNorm2d):
     __doc__ = _INSTANCE_DOC.format(input_desc="(N, C, H, W) or (C, H, W) input")
 
 
-class InstanceNorm3d(_InstanceNormMixin, nn.InstanceNorm3d):
+class InstanceNorm3d(TorchLeaf, _InstanceNormMixin, nn.InstanceNorm3d):
     __doc__ = _INSTANCE_DOC.format(input_desc="(N, C, D, H, W) or (C, D, H, W) input")

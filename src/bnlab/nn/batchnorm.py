@@ -10,12 +10,14 @@ keeps working. Only ``__init__`` (the convention) and ``forward`` (dispatch to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from bnlab import functional as BF
+from bnlab.nn._interop import TorchLeaf
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "CONVENTIONS"]
 
@@ -132,7 +134,10 @@ _DOC = r"""Batch normalization over a {input_desc}, as in Ioffe & Szegedy (2015)
     """
 
 
-class _BatchNorm(_TorchBatchNorm):
+class _BatchNorm(TorchLeaf, _TorchBatchNorm):
+    # constants for TorchScript, which then compiles only the convention's branch
+    __constants__ = [*_TorchBatchNorm.__constants__, "convention", "skip_nonfinite_update"]
+
     def __init__(
         self,
         num_features: int,
@@ -140,12 +145,12 @@ class _BatchNorm(_TorchBatchNorm):
         momentum: float | None | _ConventionDefault = CONVENTION_DEFAULT,
         affine: bool = True,
         track_running_stats: bool = True,
+        device=None,
+        dtype=None,
         *,
         convention: str = "torch",
         skip_nonfinite_update: bool = False,
         bias: bool = True,
-        device=None,
-        dtype=None,
     ) -> None:
         if convention not in CONVENTIONS:
             raise ValueError(f"convention must be one of {sorted(CONVENTIONS)}, got {convention!r}")
@@ -156,25 +161,41 @@ class _BatchNorm(_TorchBatchNorm):
         self.convention = convention
         self.skip_nonfinite_update = skip_nonfinite_update
 
-    def _new_batch_weight(self) -> float:
-        """The momentum in torch's direction: the weight the next batch gets."""
-        if self.momentum is None:
-            return 1.0 / float(self.num_batches_tracked)
-        if CONVENTIONS[self.convention].momentum_weights_new_batch:
-            return self.momentum
-        return 1.0 - self.momentum
+    def trains_like_torch(self) -> bool:
+        """Whether a training step is exactly ``torch.nn.BatchNormNd``'s (torch convention, no guard,
+        no variant): then tools that rebuild the layer as torch's (QAT fusion) lose nothing."""
+        return self.convention == "torch" and not self.skip_nonfinite_update and type(self)._normalize is _BatchNorm._normalize
+
+    def _new_batch_weight(self, momentum: float) -> float:
+        """``momentum`` in torch's direction: the weight the next batch gets (spelled out, not looked up
+        in CONVENTIONS, so that TorchScript compiles it; a test ties the two together)."""
+        if self.convention == "keras":
+            return 1.0 - momentum
+        return momentum
+
+    def _running_var_correction(self) -> int:
+        if self.convention == "keras":
+            return 0
+        return 1
 
     def forward(self, input: Tensor) -> Tensor:
+        # torch's forward step for step (so TorchScript, FX, ONNX, torch.export and
+        # __torch_function__ modes meet the same code), with the convention's momentum.
         self._check_input_dim(input)
         new_batch_weight = 0.0
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            new_batch_weight = self._new_batch_weight()
-        elif self.momentum is not None:
-            new_batch_weight = self._new_batch_weight()
+        if self.momentum is not None:
+            new_batch_weight = self._new_batch_weight(self.momentum)
+        if self.training and self.track_running_stats:
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+                if self.momentum is None:  # cumulative average
+                    new_batch_weight = 1.0 / float(self.num_batches_tracked)
         # As torch: without buffers (e.g. after replace_all_batch_norm_modules_)
         # even eval mode has to use batch statistics.
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        if self.training:
+            use_batch_stats = True
+        else:
+            use_batch_stats = (self.running_mean is None) and (self.running_var is None)
         update_buffers = not self.training or self.track_running_stats
         return self._normalize(
             input,
@@ -184,9 +205,13 @@ class _BatchNorm(_TorchBatchNorm):
             new_batch_weight,
         )
 
-    def _normalize(self, input: Tensor, running_mean, running_var, use_batch_stats: bool,
-                   new_batch_weight: float) -> Tensor:
+    def _normalize(self, input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   use_batch_stats: bool, new_batch_weight: float) -> Tensor:
         """The normalization proper; variants (renorm, ghost) override only this."""
+        return self._batch_norm(input, running_mean, running_var, use_batch_stats, new_batch_weight)
+
+    def _batch_norm(self, input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                    use_batch_stats: bool, new_batch_weight: float) -> Tensor:
         return BF.batch_norm(
             input,
             running_mean,
@@ -196,18 +221,27 @@ class _BatchNorm(_TorchBatchNorm):
             use_batch_stats,
             new_batch_weight,
             self.eps,
-            running_var_correction=CONVENTIONS[self.convention].running_var_correction,
-            skip_nonfinite_update=self.skip_nonfinite_update,
+            self._running_var_correction(),
+            self.skip_nonfinite_update,
         )
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
         # torch tolerates a missing counter only in pre-1.2 (version < 2) checkpoints;
-        # converted and hand-built checkpoints lack it too. The counter keeps its
-        # current value, as torch does for old checkpoints; running stats stay required.
+        # converted and hand-built checkpoints lack it too, so bnlab loads them all. As torch does
+        # for old checkpoints, the counter keeps its value (0 when it is on the meta device, so a
+        # meta-initialized model loaded with assign=True ends up with real tensors only);
+        # running stats stay required. strict=False still lists the key as missing, as torch would.
         key = prefix + "num_batches_tracked"
-        if self.track_running_stats and self.num_batches_tracked is not None and key not in state_dict:
-            state_dict[key] = self.num_batches_tracked.detach().clone()
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+        filled = self.track_running_stats and self.num_batches_tracked is not None and key not in state_dict
+        if filled:
+            counter = self.num_batches_tracked
+            state_dict[key] = torch.tensor(0, dtype=torch.long) if counter.is_meta else counter.detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        version = local_metadata.get("version", None)
+        if filled and not strict and version is not None and version >= 2:
+            missing_keys.append(key)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

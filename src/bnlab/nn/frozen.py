@@ -19,13 +19,14 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnlab import functional as BF
+from bnlab.nn._interop import TorchLeaf
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze_batchnorm", "unfreeze_batchnorm"]
 
 FROZEN_CONVENTIONS = ("torch", "detectron2")
 
 
-class _FrozenBatchNorm(nn.Module):
+class _FrozenBatchNorm(TorchLeaf, nn.Module):
     """Batch norm with fixed statistics and affine (see the module docstring for the formula).
 
     Buffers (no parameters): ``weight``, ``bias``, ``running_mean``,
@@ -38,8 +39,6 @@ class _FrozenBatchNorm(nn.Module):
     identity. Loaded statistics are used as they are in both. (Weights moved
     between the two with the *initial* values differ by sqrt(1 + eps/var).)
     """
-
-    _expected_dims: tuple[int, ...] = ()
 
     def __init__(self, num_features: int, eps: float = 1e-5, *, convention: str = "torch", device=None, dtype=None):
         super().__init__()
@@ -54,10 +53,11 @@ class _FrozenBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.full((num_features,), initial_var, **kw))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
 
+    def _check_input_dim(self, input: Tensor) -> None:
+        raise NotImplementedError
+
     def forward(self, input: Tensor) -> Tensor:
-        if input.dim() not in self._expected_dims:
-            wanted = " or ".join(f"{d}D" for d in self._expected_dims)
-            raise ValueError(f"expected {wanted} input (got {input.dim()}D input)")
+        self._check_input_dim(input)
         return BF.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
@@ -70,19 +70,29 @@ class _FrozenBatchNorm(nn.Module):
         return text + (f", convention={self.convention!r}" if self.convention != "torch" else "")
 
 
+# The checks and messages of torch's BatchNorm1d/2d/3d (written out, as torch does, for TorchScript).
 class FrozenBatchNorm1d(_FrozenBatchNorm):
     __doc__ = _FrozenBatchNorm.__doc__
-    _expected_dims = (2, 3)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 2 and input.dim() != 3:
+            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
 
 
 class FrozenBatchNorm2d(_FrozenBatchNorm):
     __doc__ = _FrozenBatchNorm.__doc__
-    _expected_dims = (4,)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
 
 
 class FrozenBatchNorm3d(_FrozenBatchNorm):
     __doc__ = _FrozenBatchNorm.__doc__
-    _expected_dims = (5,)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 5:
+            raise ValueError(f"expected 5D input (got {input.dim()}D input)")
 
 
 def _frozen_class(bn: _BatchNorm) -> type[_FrozenBatchNorm]:

@@ -8,12 +8,13 @@ state dict, the same inference path, and the same conventions. Only
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from bnlab import functional as BF
-from bnlab.nn.batchnorm import CONVENTION_DEFAULT, CONVENTIONS, _BatchNorm
+from bnlab.nn.batchnorm import CONVENTION_DEFAULT, _BatchNorm
 
 __all__ = [
     "RenormSchedule",
@@ -112,13 +113,20 @@ class _BatchRenorm(_BatchNorm):
             return self.r_max, self.d_max
         return self.schedule.limits(int(self.num_batches_tracked))
 
-    def _normalize(self, input, running_mean, running_var, use_batch_stats, new_batch_weight):
-        if not (use_batch_stats and self.training and running_mean is not None):
-            return super()._normalize(input, running_mean, running_var, use_batch_stats, new_batch_weight)
+    def _normalize(self, input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   use_batch_stats: bool, new_batch_weight: float) -> Tensor:
+        if not (use_batch_stats and self.training and running_mean is not None and running_var is not None):
+            return self._batch_norm(input, running_mean, running_var, use_batch_stats, new_batch_weight)
+        if torch.jit.is_scripting():
+            raise RuntimeError("batch renorm trains only in Python; a TorchScript copy runs in eval() mode")
+        return self._renorm(input, running_mean, running_var, new_batch_weight)
+
+    @torch.jit.unused
+    def _renorm(self, input: Tensor, running_mean: Tensor, running_var: Tensor, new_batch_weight: float) -> Tensor:
         r_max, d_max = self.current_limits()
         return BF.batch_renorm(
             input, running_mean, running_var, self.weight, self.bias, True, new_batch_weight, self.eps,
-            r_max=r_max, d_max=d_max, running_var_correction=CONVENTIONS[self.convention].running_var_correction,
+            r_max=r_max, d_max=d_max, running_var_correction=self._running_var_correction(),
             skip_nonfinite_update=self.skip_nonfinite_update,
         )
 
@@ -170,24 +178,32 @@ _GHOST_DOC = r"""Ghost batch normalization (Hoffer, Hubara & Soudry 2017) over {
 
 class _GhostBatchNorm(_BatchNorm):
     def __init__(self, num_features: int, eps=CONVENTION_DEFAULT, momentum=CONVENTION_DEFAULT, affine: bool = True,
-                 track_running_stats: bool = True, *, virtual_batch_size: int = 32, update: str = "per_ghost",
-                 convention: str = "torch", skip_nonfinite_update: bool = False, bias: bool = True,
-                 device=None, dtype=None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, convention=convention,
-                         skip_nonfinite_update=skip_nonfinite_update, bias=bias, device=device, dtype=dtype)
+                 track_running_stats: bool = True, device=None, dtype=None, *, virtual_batch_size: int = 32,
+                 update: str = "per_ghost", convention: str = "torch", skip_nonfinite_update: bool = False,
+                 bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         convention=convention, skip_nonfinite_update=skip_nonfinite_update, bias=bias)
         if virtual_batch_size < 2:
             raise ValueError(f"virtual_batch_size must be at least 2, got {virtual_batch_size}")
         if update not in ("per_ghost", "averaged"):
             raise ValueError(f"update must be 'per_ghost' or 'averaged', got {update!r}")
         self.virtual_batch_size, self.update = virtual_batch_size, update
 
-    def _normalize(self, input, running_mean, running_var, use_batch_stats, new_batch_weight):
+    def _normalize(self, input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   use_batch_stats: bool, new_batch_weight: float) -> Tensor:
         if not use_batch_stats:
-            return super()._normalize(input, running_mean, running_var, use_batch_stats, new_batch_weight)
+            return self._batch_norm(input, running_mean, running_var, use_batch_stats, new_batch_weight)
+        if torch.jit.is_scripting():
+            raise RuntimeError("ghost batch norm trains only in Python; a TorchScript copy runs in eval() mode")
+        return self._ghost(input, running_mean, running_var, new_batch_weight)
+
+    @torch.jit.unused
+    def _ghost(self, input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+               new_batch_weight: float) -> Tensor:
         return BF.ghost_batch_norm(
             input, running_mean, running_var, self.weight, self.bias, True, new_batch_weight, self.eps,
             virtual_batch_size=self.virtual_batch_size, update=self.update,
-            running_var_correction=CONVENTIONS[self.convention].running_var_correction,
+            running_var_correction=self._running_var_correction(),
             skip_nonfinite_update=self.skip_nonfinite_update,
         )
 
