@@ -8,8 +8,9 @@ Reports, in one invocation:
 * chart updates per second on the live-training view (redraws of its charts with new data);
 * WebSocket ping round trip (answered by the event loop: is the server responsive while training?);
 * training steps/s inside the app (the session's two networks, wall clock, with its measurements,
-  views and the browser all running) vs the same Pair trained headless in a plain loop, with the
-  same thread count; and headless with every core as torch threads, the choice the job manager avoids.
+  the server and the browser drawing the live charts) vs the same Pair trained headless in a plain
+  loop with the same thread count, in alternating turns (the app paused during the headless turns);
+  and headless with every core as torch threads, the choice the job manager avoids.
 
 Bars (issue 11): p95 latency ≤ 50 ms, ≥ 15 chart updates/s, in-app ≥ 80% of headless steps/s.
 
@@ -57,7 +58,9 @@ def wait(page, condition: str, timeout: float = 30.0) -> None:
         page.wait_for_timeout(25)
 
 
-def in_app(manager: JobManager, seconds: float) -> dict:
+def in_app(manager: JobManager, data: WebData, threads: int, seconds: float, rounds: int = 3) -> dict:
+    """The app's numbers, and headless steps/s measured in turns with it (the app paused meanwhile),
+    so that other load on the machine, which drifts, weighs on both alike."""
     from playwright.sync_api import sync_playwright
 
     with running_server(create_app(manager)) as url, sync_playwright() as pw:
@@ -70,12 +73,22 @@ def in_app(manager: JobManager, seconds: float) -> dict:
         page.click("#start")
         wait(page, "bnlab.stats.frames > 10")
         (job,) = manager._jobs
-        steps0, clock0 = job.pair.step, time.perf_counter()
 
-        # chart updates on the live-training view
-        frames0, t0 = page.evaluate("bnlab.stats.frames"), time.perf_counter()
-        page.wait_for_timeout(seconds * 1000)
-        updates = (page.evaluate("bnlab.stats.frames") - frames0) / (time.perf_counter() - t0)
+        # turns: the app training with its live charts on screen, then the same model headless
+        app_steps = app_time = frames = head_steps = head_time = 0.0
+        for _ in range(rounds):
+            steps0, frames0, t0 = job.pair.step, page.evaluate("bnlab.stats.frames"), time.perf_counter()
+            page.wait_for_timeout(seconds / rounds * 1000)
+            app_steps += job.pair.step - steps0
+            frames += page.evaluate("bnlab.stats.frames") - frames0
+            app_time += time.perf_counter() - t0
+            page.click("#pause")
+            wait(page, "document.getElementById('state').textContent === 'paused'")
+            rate = headless_steps_per_second(data, threads, seconds / rounds)
+            head_steps += rate * seconds / rounds
+            head_time += seconds / rounds
+            page.click("#start")
+            wait(page, "document.getElementById('state').textContent === 'running'")
 
         # WebSocket round trips, answered by the event loop while the worker trains
         rtts = page.evaluate("""(n) => new Promise((resolve) => {
@@ -100,12 +113,11 @@ def in_app(manager: JobManager, seconds: float) -> dict:
             page.wait_for_timeout(100)
         page.wait_for_timeout(300)
         latencies = page.evaluate("bnlab.stats.latencies")
-        steps_per_second = (job.pair.step - steps0) / (time.perf_counter() - clock0)
         browser.close()
     if errors:
         raise RuntimeError(f"page errors: {errors}")
-    return {"updates_per_second": updates, "latencies_ms": latencies, "presses": presses,
-            "ping_ms": rtts, "steps_per_second": steps_per_second}
+    return {"updates_per_second": frames / app_time, "latencies_ms": latencies, "presses": presses,
+            "ping_ms": rtts, "steps_per_second": app_steps / app_time, "headless": head_steps / head_time}
 
 
 def percentile(values, q):
@@ -121,11 +133,9 @@ def main() -> int:
     data = WebData.from_dataset(load_dataset("mnist"))
     manager = JobManager(load=load_dataset)
     manager._data["mnist"] = data  # loaded once for both sides
-    # headless before and after the app, averaged: other load on the machine drifts over a run
-    before = headless_steps_per_second(data, threads, args.seconds / 2)
-    app = in_app(manager, args.seconds)
+    app = in_app(manager, data, threads, args.seconds)
     manager.shutdown()
-    headless = (before + headless_steps_per_second(data, threads, args.seconds / 2)) / 2
+    headless = app["headless"]
     all_cores = headless_steps_per_second(data, os.cpu_count() or 1, min(args.seconds, 5.0))
     lat = app["latencies_ms"]
     result = {

@@ -234,8 +234,9 @@ class Pair:
 def distribution(values: Tensor, ranges: dict, key) -> dict:
     """Percentiles and a histogram of ``values`` over a range fixed at the first call for ``key``."""
     flat = values.detach().float().flatten()
-    # quantile sorts: on a strided sample of a few thousand values it costs ~0.1 ms instead of ~2
-    sample = flat[:: flat.numel() // 8192 + 1]
+    # quantile sorts: on a strided sample of ~2000 values it costs ~0.1 ms instead of ~2 (25,600 values),
+    # and moves a plotted percentile by about a percent of the spread
+    sample = flat[:: flat.numel() // 2048 + 1]
     if key not in ranges:
         top = float(sample.abs().quantile(0.99)) * 1.25 if sample.numel() else 1.0
         ranges[key] = _nice(max(top, 0.5))

@@ -7,7 +7,7 @@
     batch: "batch norm", renorm: "batch renorm", ghost: "ghost batch norm", frozen: "frozen BN",
     layer: "layer norm", group: "group norm", instance: "instance norm", none: "no norm (both the same)",
   };
-  const MAX_POINTS = 4000; // loss points kept per chart: older ones are thinned, never the newest
+  const MAX_POINTS = 1200; // loss points kept per chart (older ones are thinned, never the newest): a cheap redraw
   const MAX_PROBES = 300; // measurements kept for the percentile, gradient and histogram charts
   // What tests and benchmarks read: redraws of the training charts, slider-to-redraw latencies (ms), errors.
   const stats = { frames: 0, ticks: 0, latencies: [], errors: [], views: {} };
