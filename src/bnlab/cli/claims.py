@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bnlab.cli.common import add_store_option, open_store, positive_int
+from bnlab.cli.common import add_store_option, open_store, output_dir, positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -30,7 +30,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     from bnlab.experiments.claims import CLAIMS, DEFAULT_SEEDS, ClaimContext
     from bnlab.report.claims_report import load_results, write_claims_report
 
-    with open_store(args) as store:
+    if args.claims_command in ("run", "report"):
+        output_dir(args.out)
+    with open_store(args, readonly=args.claims_command != "run") as store:
         results_dir = store.path.parent / "claims"
         if args.claims_command == "list":
             latest = load_results(results_dir) if results_dir.exists() else {}

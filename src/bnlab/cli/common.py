@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 from pathlib import Path
@@ -15,8 +16,23 @@ def add_store_option(parser: argparse.ArgumentParser) -> None:
                         help="run store file (default: $BNLAB_STORE or ~/.local/share/bnlab/runs.sqlite)")
 
 
-def open_store(args: argparse.Namespace) -> RunStore:
-    return RunStore(args.store)
+def open_store(args: argparse.Namespace, *, readonly: bool = False) -> RunStore:
+    """The store of ``--store`` (or the default); ``readonly`` for commands that only look: they neither
+    create the file nor need write access to it."""
+    return RunStore(args.store, readonly=readonly)
+
+
+def output_dir(path: Path) -> Path:
+    """Check, before any work, that a report can be written to directory ``path`` (creating it)."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} is a file; give a directory for the report")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {path}: cannot create it ({exc.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"--out {path} is not writable; give another directory")
+    return path
 
 
 def positive_int(text: str) -> int:
@@ -28,8 +44,8 @@ def positive_int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bnlab.cli.common import add_store_option, open_store, positive_float, positive_int
+from bnlab.cli.common import add_store_option, open_store, output_dir, positive_float, positive_int
 from bnlab.models.presets import PRESETS
 
 
@@ -14,7 +14,7 @@ def add_parser(subparsers) -> None:
         "compare",
         help="train a preset with and without BN (or any norms) on several seeds; table, plot and HTML report",
         description="Train a preset with each normalization variant on every seed (stacked, so extra seeds are "
-        "cheap), print mean ± 95%% CI over seeds and each variant's difference from the first, and write "
+        "cheap), print mean ± 95% CI over seeds and each variant's difference from the first, and write "
         "summary.json, curves.png and index.html. Finished runs are reused from the run store; an interrupted "
         "run resumes.",
         epilog="examples: bnlab compare --variants none,batch,group,renorm --set batch_size=4 | "
@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     request = CompareRequest(preset=args.preset, seeds=args.seeds, epochs=args.epochs, dataset=args.dataset,
                              bf16=args.bf16, variants=variants, settings=parse_settings(args.settings))
     request.configs()  # a variant or setting the preset cannot take fails here, before any work
+    output_dir(args.out)
     with open_store(args) as store:
         summary = run_compare(request, store, progress=not args.no_progress)
         summary["phases_seconds"] = {"startup": startup, **summary["phases_seconds"]}

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except StopRequested as stop:
         print(f"\nbnlab: {stop}; progress is saved. Resume with the same command, or "
               "'bnlab runs list' then 'bnlab runs resume ID'.", file=sys.stderr)
-        return 130
+        return 128 + stop.signum  # the shell's convention: 130 after Ctrl-C, 143 after SIGTERM
     except KeyboardInterrupt:
         print("\nbnlab: interrupted; resume from the last checkpoint with 'bnlab runs resume ID'", file=sys.stderr)
         return 130

@@ -15,7 +15,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("runs", help="list, show, export or resume runs in the run store")
     sub = p.add_subparsers(dest="runs_command", metavar="ACTION", required=True)
     ls = sub.add_parser("list", help="one line per run")
-    ls.add_argument("--status", help="only runs with this status (running, interrupted, finished, failed)")
+    ls.add_argument("--status", choices=["created", "running", "interrupted", "finished", "failed"],
+                    help="only runs with this status")
     show = sub.add_parser("show", help="a run's config, status, summary and last metrics")
     show.add_argument("id", help="run id (or a unique prefix)")
     export = sub.add_parser("export", help="a run's metric series as CSV or JSON on stdout")
@@ -24,13 +25,16 @@ def add_parser(subparsers) -> None:
     resume = sub.add_parser("resume", help="continue an interrupted run (and its stacked group) from its checkpoint")
     resume.add_argument("id", help="run id (or a unique prefix)")
     resume.add_argument("--no-progress", action="store_true")
+    resume.add_argument("--force", action="store_true",
+                        help="take the run over even if the store says another process holds it (use only when "
+                             "you know that process is gone: its lease would otherwise expire by itself)")
     for action in (ls, show, export, resume):
         add_store_option(action)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
+    with open_store(args, readonly=args.runs_command != "resume") as store:
         return {"list": _list, "show": _show, "export": _export, "resume": _resume}[args.runs_command](store, args)
 
 
@@ -89,6 +93,6 @@ def _export(store, args) -> int:
 def _resume(store, args) -> int:
     from bnlab.train.runner import resume
 
-    result = resume(store, args.id, progress=not args.no_progress)
+    result = resume(store, args.id, progress=not args.no_progress, force=args.force)
     print(f"group {result.group_id} finished: runs {', '.join(result.run_ids)}")
     return 0

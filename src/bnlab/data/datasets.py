@@ -167,8 +167,11 @@ def load_dataset(
     if name not in DATASETS:
         raise KeyError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     spec = DATASETS[name]
-    cache = Path(data_dir) if data_dir is not None else default_data_dir()
-    cache = cache / name
+    base = Path(data_dir) if data_dir is not None else default_data_dir()
+    if base.exists() and not base.is_dir():
+        raise DataUnavailableError(f"the data cache {base} is a file, not a directory: point BNLAB_DATA "
+                                   "(or data_dir) at a directory")
+    cache = base / name
     attempts: list[str] = []
 
     arrays = _verified_arrays(spec, {r: cache / FILENAMES[r] for r in ROLES}, attempts, "cache", log)
@@ -182,8 +185,12 @@ def load_dataset(
                     continue
                 arrays = _verified_arrays(spec, files, attempts, label, log)
                 if arrays is not None:
-                    _install(cache, arrays)
-                    log(f"bnlab: {spec.title} verified from {label}, cached in {cache}")
+                    try:
+                        _install(cache, arrays)
+                        log(f"bnlab: {spec.title} verified from {label}, cached in {cache}")
+                    except OSError as exc:  # a read-only or full cache: use the copy, fetch again next time
+                        log(f"bnlab: {spec.title} verified from {label}; could not cache it in {cache} "
+                            f"({exc.strerror or exc}), so it will be fetched again next time")
                     break
     if arrays is None:
         raise DataUnavailableError(_unavailable_message(spec, cache, attempts))
@@ -235,8 +242,12 @@ def _install(cache: Path, arrays: dict[str, np.ndarray]) -> None:
     for role, array in arrays.items():
         final = cache / FILENAMES[role]
         partial = final.with_suffix(".partial")
-        write_idx(partial, array)
-        os.replace(partial, final)  # atomic: a crash never leaves a half-written cache file
+        try:
+            write_idx(partial, array)
+            os.replace(partial, final)  # atomic: a crash never leaves a half-written cache file
+        except OSError:
+            _remove_quietly(partial)
+            raise
 
 
 def _remove_quietly(path: Path) -> None:

@@ -167,11 +167,16 @@ def _out_of_space(exc: BaseException, directory: Path) -> bool:
 
 
 class StopRequested(Exception):
-    """Training stopped at a step boundary because of Ctrl-C or SIGTERM; state was saved."""
+    """Training stopped at a step boundary because of Ctrl-C or SIGTERM (``signum``); state was saved."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
 
 
 class _StopFlag:
     requested = False
+    signum = signal.SIGINT
 
 
 @contextlib.contextmanager
@@ -187,7 +192,7 @@ def graceful_stop():
     def handler(signum, frame):
         if flag.requested:
             raise KeyboardInterrupt
-        flag.requested = True
+        flag.requested, flag.signum = True, signum
 
     if not _in_main_thread():
         yield flag
@@ -450,7 +455,7 @@ class StackedTrainer:
                 on_checkpoint(self.step)
                 timings["checkpoints"] += clock() - saving
             if stopping:
-                raise StopRequested(f"stopped at step {self.step} of {self.total_steps}")
+                raise StopRequested(f"stopped at step {self.step} of {self.total_steps}", stop_flag.signum)
 
 
 def _make_optimizer(cfg: TrainConfig, params):

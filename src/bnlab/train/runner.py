@@ -188,11 +188,16 @@ def _restore(store: RunStore, trainer: StackedTrainer, group_id: str) -> None:
     store.heartbeat(group_id, steps_done=trainer.step)
 
 
-def resume(store: RunStore, run_id: str, *, progress: bool = True) -> GroupResult:
-    """Continue the group that ``run_id`` belongs to from its last checkpoint."""
+def resume(store: RunStore, run_id: str, *, progress: bool = True, force: bool = False) -> GroupResult:
+    """Continue the group that ``run_id`` belongs to from its last checkpoint.
+
+    If another live process holds the group, this waits for it and returns its result, unless
+    ``force``: then the group is taken over at once (for a holder known to be gone)."""
     record = store.run(run_id)
     if record.effective_status == "finished":
         raise StoreError(f"run {record.id} already finished; nothing to resume")
+    if force and record.lease_live:
+        store.mark(record.group_id, "interrupted")
     c = record.config
     if "start_from" in c:
         raise StoreError(f"run {record.id} was fine-tuned from group {c['start_from']['group']} "
