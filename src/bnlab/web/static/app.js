@@ -455,7 +455,10 @@
       for (const row of logs[name]) for (const v of row) if (v !== null) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
     }
     for (const name of ["plain", "norm"]) drawSurface($(`l-${name}`), logs[name], d.nets[name].path, d.radius, lo, hi);
-    $("l-info").textContent = `step ${d.step}; both use one colour scale: loss ${fmt(Math.exp(lo))} (dark) to ${fmt(Math.exp(hi))} (light)`;
+    const reach = (name) => Math.max(0, ...d.nets[name].path.flatMap(([a, b]) => [Math.abs(a), Math.abs(b)]));
+    const span = (name) => d.nets[name].path.length > 1 ? `${fmt(reach(name), 2)} over the last ${d.step - d.nets[name].path[0][2]} steps` : "none yet";
+    $("l-info").textContent = `step ${d.step}; both use one colour scale: loss ${fmt(Math.exp(lo))} (dark) to ${fmt(Math.exp(hi))} (light). ` +
+      `Path reach: without ${span("plain")}, with ${span("norm")} (a radius near it shows the path).`;
   }
   function drawSurface(canvas, grid, path, radius, lo, hi) {
     const n = grid.length, W = canvas.width, H = canvas.height;
