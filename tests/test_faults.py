@@ -323,3 +323,24 @@ def test_store_in_an_uncreatable_place_is_one_line(tmp_path, capsys):
     assert main(["runs", "resume", "abc", "--store", str(blocker / "sub" / "runs.sqlite")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot create the run store's directory" in err
+
+
+def test_every_json_the_cli_prints_is_strict(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(compare_module, "load_dataset", lambda name: fake_dataset(n_train=320, n_test=64))
+    store = tmp_path / "runs.sqlite"
+    # one seed and a threshold never reached: the cases that used to write bare NaN tokens
+    assert main(["compare", "--seeds", "1", "--epochs", "0.2", "--no-progress", "--store", str(store),
+                 "--out", str(tmp_path / "out"), "--set", "hidden=16"]) == 0
+    _strict((tmp_path / "out" / "summary.json").read_text())
+    capsys.readouterr()
+    with RunStore(store, readonly=True) as s:
+        run_id = s.runs()[0].id
+    for argv in (["runs", "show", run_id], ["runs", "export", run_id, "--format", "json"]):
+        assert main([*argv, "--store", str(store)]) == 0
+        _strict(capsys.readouterr().out.split("\nresume with:")[0])
+
+
+def _strict(text: str):
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+    return json.loads(text, parse_constant=refuse)

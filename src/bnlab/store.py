@@ -406,6 +406,9 @@ class RunStore:
             except sqlite3.OperationalError as exc:
                 if _disk_full(exc):
                     raise DiskFullError(disk_full_message(self.path)) from exc
+                if "readonly database" in str(exc):
+                    raise StoreError(f"the run store {self.path} is read-only; training needs a writable store "
+                                     "(point --store/BNLAB_STORE elsewhere)") from exc
                 if "locked" not in str(exc) and "busy" not in str(exc):
                     raise
                 if not self._warned_locked:
