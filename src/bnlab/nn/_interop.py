@@ -8,13 +8,17 @@ Two of torch's tools decide by *name* rather than by ``isinstance``:
   per instance (see there for why).
 * ``torch.ao.quantization.fuse_modules`` looks fuser methods up by exact type.
   :func:`register_fusers` adds bnlab's batch norms to torch's table, next to torch's own.
+
+And one thing torch hides: :func:`load_is_strict`, the caller's ``strict`` during ``load_state_dict``.
 """
 
 from __future__ import annotations
 
+import sys
+
 from torch import nn
 
-__all__ = ["TorchLeaf", "register_fusers"]
+__all__ = ["TorchLeaf", "register_fusers", "load_is_strict"]
 
 
 class TorchLeaf:
@@ -104,3 +108,22 @@ def register_fusers(bn1d: list[type], bn2d: list[type], bn3d: list[type]) -> Non
         bn_relu = _bnlab_fuser(mappings._sequential_wrapper2(container), 0, False, False)
         for bn in bns:
             table[(bn, nn.ReLU)] = bn_relu
+
+
+def load_is_strict() -> bool:
+    """The ``strict`` argument of the ``torch.nn.Module.load_state_dict`` call in progress (True if none).
+
+    torch hands every module's ``_load_from_state_dict`` ``strict=True`` whatever the caller
+    asked, and decides only at the end whether missing keys are an error. A layer that
+    tolerates a missing key under strict loading but must still list it under
+    ``strict=False`` (as torch would) can learn the caller's choice only from that frame.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _LOAD_STATE_DICT_CODE:
+            return bool(frame.f_locals.get("strict", True))
+        frame = frame.f_back
+    return True
+
+
+_LOAD_STATE_DICT_CODE = nn.Module.load_state_dict.__code__

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from bnlab import functional as BF
-from bnlab.nn._interop import TorchLeaf
+from bnlab.nn._interop import TorchLeaf, load_is_strict
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "CONVENTIONS"]
 
@@ -231,7 +231,8 @@ class _BatchNorm(TorchLeaf, _TorchBatchNorm):
         # converted and hand-built checkpoints lack it too, so bnlab loads them all. As torch does
         # for old checkpoints, the counter keeps its value (0 when it is on the meta device, so a
         # meta-initialized model loaded with assign=True ends up with real tensors only);
-        # running stats stay required. strict=False still lists the key as missing, as torch would.
+        # running stats stay required. load_state_dict(strict=False) still lists the key as missing,
+        # as torch would (torch passes strict=True here whatever the caller chose: see load_is_strict).
         key = prefix + "num_batches_tracked"
         filled = self.track_running_stats and self.num_batches_tracked is not None and key not in state_dict
         if filled:
@@ -240,7 +241,7 @@ class _BatchNorm(TorchLeaf, _TorchBatchNorm):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         version = local_metadata.get("version", None)
-        if filled and not strict and version is not None and version >= 2:
+        if filled and version is not None and version >= 2 and not load_is_strict():
             missing_keys.append(key)
 
     def extra_repr(self) -> str:

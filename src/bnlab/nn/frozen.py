@@ -61,8 +61,10 @@ class _FrozenBatchNorm(TorchLeaf, nn.Module):
         return BF.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
-        # Checkpoints from torchvision/detectron2 frozen layers carry no counter.
-        state_dict.setdefault(prefix + "num_batches_tracked", self.num_batches_tracked.clone())
+        # Checkpoints from torchvision/detectron2 frozen layers carry no counter (0 from the meta device).
+        counter = self.num_batches_tracked
+        state_dict.setdefault(prefix + "num_batches_tracked",
+                              torch.tensor(0, dtype=torch.long) if counter.is_meta else counter.clone())
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
     def extra_repr(self) -> str:
