@@ -117,3 +117,21 @@ def test_sessions_beyond_the_limit_are_refused(client):
 def test_dumps_sends_non_finite_numbers_as_null():
     assert json.loads(dumps({"a": [1.0, math.nan, {"b": math.inf}], "c": -math.inf})) == {"a": [1.0, None, {"b": None}],
                                                                                        "c": None}
+
+
+def test_serve_binds_to_loopback_unless_told_otherwise(monkeypatch, capsys):
+    import uvicorn
+
+    from bnlab.cli.main import main
+    from bnlab.cli.serve import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4") and not is_loopback("example.org")
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(kw))
+    assert main(["serve", "--host", "0.0.0.0"]) == 1
+    assert "--allow-remote" in capsys.readouterr().err and started == []
+    assert main(["serve", "--host", "0.0.0.0", "--allow-remote", "--port", "8123"]) == 0
+    assert "WARNING" in capsys.readouterr().err
+    assert main(["serve"]) == 0
+    assert [(kw["host"], kw["port"]) for kw in started] == [("0.0.0.0", 8123), ("127.0.0.1", 8000)]

@@ -47,6 +47,22 @@ def test_both_networks_start_from_the_same_weights(kind, data):
     assert pair.specs["plain"].norm == "none" and pair.specs["norm"].norm == kind
 
 
+@pytest.mark.parametrize("kind", NORM_KINDS)
+def test_every_kind_trains_and_every_view_answers(kind, data):
+    pair = Pair(kind_settings(kind), data)
+    for _ in range(3):
+        pair.train_step()
+    out = pair.telemetry({})
+    pre, inputs = out["layers"]["norm"]["pre"], out["layers"]["norm"]["in"]
+    assert len(inputs) == len(pre) == len(out["layers"]["plain"]["pre"]) and None not in pre
+    # the norm layers are where the kind puts them: everywhere, nowhere, or (instance) in the convolutions only
+    assert [x is not None for x in inputs] == [kind != "none" and (kind != "instance" or i < 2) for i in range(len(pre))]
+    assert views.bn_step(pair, _step_params(source="live"))["n"] >= 32
+    modes = views.train_vs_eval(pair, {"layer": 0})
+    assert modes["available"] == (kind in ("batch", "renorm", "ghost", "frozen"))
+    assert len(views.landscape(pair, {"radius": 1.0, "points": 5, "seed": 0})["nets"]["norm"]["loss"]) == 5
+
+
 def test_both_networks_see_the_same_batches_in_batch_order(data):
     pair = Pair(small(batch_size=200), data)
     seen = {name: [] for name in pair.models}

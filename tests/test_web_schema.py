@@ -85,3 +85,7 @@ def test_combinations_are_checked_against_the_current_settings():
         check_settings({"norm": "instance"})  # on the default MLP
     with pytest.raises(ProtocolError, match="instance norm"):
         check_settings({"arch": "mlp"}, check_settings({"norm": "instance"}, current))
+    ghost = check_settings({"norm": "ghost", "batch_size": 64})
+    assert check_settings({"batch_size": 20}, ghost)["batch_size"] == 20
+    with pytest.raises(ProtocolError, match="ghost batches of 32"):
+        check_settings({"batch_size": 60}, ghost)

@@ -31,7 +31,7 @@ from bnlab.data import Dataset, load_dataset
 from bnlab.models.spec import ModelSpec, build_model
 from bnlab.probes import probe_output
 from bnlab.train.engine import batch_order, stratified_subset
-from bnlab.web.schema import LIVE, ProtocolError, check_settings, default_settings
+from bnlab.web.schema import GHOST_SIZE, LIVE, ProtocolError, check_settings, default_settings
 
 __all__ = ["Pair", "Job", "JobManager", "TooManyJobs", "WebData", "torch_threads", "NAMES"]
 
@@ -83,8 +83,7 @@ def model_spec(settings: dict, norm: str) -> ModelSpec:
         conv_channels=CNN_CHANNELS if cnn else (), activation=settings["activation"], norm=norm,
         placement=settings["placement"], dropout=settings["dropout"], init=settings["init"],
         init_scale=settings["init_scale"], norm_momentum=settings["bn_momentum"], norm_eps=settings["eps"],
-        # the last batch of a ghost layer must be a multiple of its ghost size; the page's batches are full
-        virtual_batch_size=32)
+        virtual_batch_size=GHOST_SIZE)
 
 
 def weight_layers(model: nn.Module) -> list[nn.Module]:
@@ -214,17 +213,18 @@ class Pair:
             out["test_acc"][name] = float((logits.argmax(1) == self.data.test_y).float().mean())
             out["test_loss"][name] = float(nn.functional.cross_entropy(logits, self.data.test_y))
             blocks = self.hidden_layers(name)
-            points = [("pre", b["activation"]) for b in blocks]
+            points = [("pre", i, b["activation"]) for i, b in enumerate(blocks)]
             if name == "norm":
-                points += [("in", b["norm"]) for b in blocks if "norm" in b]
+                points += [("in", i, b["norm"]) for i, b in enumerate(blocks) if "norm" in b]
             # hooks fire in the order the modules run, which in a Sequential is their position
             position = {id(m): i for i, m in enumerate(model)}
-            points.sort(key=lambda point: position[id(point[1])])
-            _, captured = probe_output(model, self.data.probe_x, capture=[m for _, m in points])
-            layers = {"pre": [], "in": []}
-            for (what, _), values in zip(points, captured):
-                key = (name, what, len(layers[what]))
-                layers[what].append(distribution(values, ranges, key))
+            points.sort(key=lambda point: position[id(point[2])])
+            _, captured = probe_output(model, self.data.probe_x, capture=[m for _, _, m in points])
+            # one entry per hidden layer in both lists; "in" is None where a layer has no norm (e.g. the
+            # CNN's dense layers with instance norm) and empty for the network without normalization
+            layers = {"pre": [None] * len(blocks), "in": [None] * len(blocks) if name == "norm" else []}
+            for (what, i, _), values in zip(points, captured):
+                layers[what][i] = distribution(values, ranges, (name, what, i))
             out["layers"][name] = layers
             out["grad_norm"][name] = [None if m.weight.grad is None else float(m.weight.grad.norm())
                                       for m in weight_layers(model)]

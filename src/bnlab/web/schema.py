@@ -32,6 +32,7 @@ __all__ = ["MAX_MESSAGE_BYTES", "SETTINGS", "LIVE", "VIEWS", "ProtocolError", "d
            "parse_message", "check_settings"]
 
 MAX_MESSAGE_BYTES = 4096
+GHOST_SIZE = 32  # the ghost-batch size of the app's ghost batch norm
 
 
 class ProtocolError(ValueError):
@@ -144,6 +145,9 @@ def check_settings(values, current: dict | None = None) -> dict:
     merged = {**(current or default_settings()), **changes}
     if merged["norm"] == "instance" and merged["arch"] != "cnn":
         raise ProtocolError("instance norm normalizes over an image's height and width: choose the CNN for it")
+    if merged["norm"] == "ghost" and merged["batch_size"] > GHOST_SIZE and merged["batch_size"] % GHOST_SIZE:
+        raise ProtocolError(f"ghost batch norm splits each batch into ghost batches of {GHOST_SIZE}: "
+                            f"choose a batch size of at most {GHOST_SIZE} or a multiple of it")
     return merged
 
 
