@@ -72,7 +72,7 @@ def in_app(manager: JobManager, data: WebData, threads: int, seconds: float, rou
         wait(page, "document.getElementById('conn').textContent === 'connected'")
         page.click("#start")
         wait(page, "bnlab.stats.frames > 10")
-        (job,) = manager._jobs
+        (job,) = manager.jobs
 
         # turns: the app training with its live charts on screen, then the same model headless
         app_steps = app_time = frames = head_steps = head_time = 0.0
@@ -130,9 +130,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each measuring phase")
     args = parser.parse_args()
     threads = torch_threads()
-    data = WebData.from_dataset(load_dataset("mnist"))
-    manager = JobManager(load=load_dataset)
-    manager._data["mnist"] = data  # loaded once for both sides
+    dataset = load_dataset("mnist")
+    data = WebData.from_dataset(dataset)  # the app makes the same from the same dataset
+    manager = JobManager(load=lambda name: dataset)
     app = in_app(manager, data, threads, args.seconds)
     manager.shutdown()
     headless = app["headless"]

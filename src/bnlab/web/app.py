@@ -112,8 +112,13 @@ async def _session(socket: WebSocket, manager: JobManager) -> None:
     """One browser tab: its job lives exactly as long as the socket."""
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()
+
+    def notify():  # called by the worker thread; the loop may be gone if the server is stopping
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(wake.set)
+
     try:
-        job = manager.open(notify=lambda: loop.call_soon_threadsafe(wake.set))
+        job = manager.open(notify=notify)
     except TooManyJobs as exc:
         await socket.send_text(dumps({"type": "error", "where": "server", "message": str(exc)}))
         await socket.close(code=1013)

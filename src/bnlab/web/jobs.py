@@ -460,9 +460,14 @@ class JobManager:
             self._cond.notify_all()
 
     @property
-    def live_jobs(self) -> int:
+    def jobs(self) -> list[Job]:
+        """The live jobs, oldest first."""
         with self._cond:
-            return len(self._jobs)
+            return list(self._jobs)
+
+    @property
+    def live_jobs(self) -> int:
+        return len(self.jobs)
 
     def wake(self) -> None:
         with self._cond:

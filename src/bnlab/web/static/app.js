@@ -287,7 +287,7 @@
     const cols = hists.filter((h) => h);
     if (!cols.length) { label.textContent = missing; return; }
     const bins = cols[0].hist.length;
-    const off = document.createElement("canvas");
+    const off = canvas.offscreen || (canvas.offscreen = document.createElement("canvas")); // one per chart
     off.width = cols.length; off.height = bins;
     const img = off.getContext("2d").createImageData(cols.length, bins);
     cols.forEach((h, x) => {
