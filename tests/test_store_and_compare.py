@@ -198,7 +198,7 @@ def test_compare_cli_and_runs_cli(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("argv,reason", [
     (["compare", "--seeds", "0"], "must be a positive integer"),
     (["compare", "--preset", "resnet"], "invalid choice: 'resnet'"),
-    (["compare", "--epochs", "-1"], "must be a positive number"),
+    (["compare", "--epochs", "-1"], "must be a positive finite number"),
     (["runs", "frob"], "invalid choice: 'frob'"),
 ])
 def test_bad_compare_flags_exit_2(argv, reason, capsys):

@@ -455,7 +455,8 @@ class StackedTrainer:
                 on_checkpoint(self.step)
                 timings["checkpoints"] += clock() - saving
             if stopping:
-                raise StopRequested(f"stopped at step {self.step} of {self.total_steps}", stop_flag.signum)
+                raise StopRequested(f"stopped at step {self.step} of {self.total_steps}",
+                                    getattr(stop_flag, "signum", signal.SIGINT))
 
 
 def _make_optimizer(cfg: TrainConfig, params):
