@@ -50,6 +50,31 @@ def headless_steps_per_second(data: WebData, threads: int, seconds: float) -> fl
     return steps / (time.perf_counter() - started)
 
 
+def _busy_seconds() -> tuple[float, float]:
+    """CPU seconds (all processes, and this process with its descendants, e.g. Chromium) so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    busy = (sum(fields[:8]) - fields[3] - fields[4]) / tick  # all but idle and iowait
+    parents, used = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            rest = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(stat.parent.name)
+        parents[pid], used[pid] = int(rest[1]), (int(rest[11]) + int(rest[12])) / tick
+
+    def ours(pid):
+        while pid > 1:
+            if pid == os.getpid():
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
+    return busy, sum(t for pid, t in used.items() if ours(pid))
+
+
 def wait(page, condition: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not page.evaluate(condition):
@@ -133,13 +158,18 @@ def main() -> int:
     dataset = load_dataset("mnist")
     data = WebData.from_dataset(dataset)  # the app makes the same from the same dataset
     manager = JobManager(load=lambda name: dataset)
+    busy0, ours0, clock0 = *_busy_seconds(), time.perf_counter()
     app = in_app(manager, data, threads, args.seconds)
+    busy1, ours1 = _busy_seconds()
+    # cores kept busy by other processes meanwhile: they compete with the app, the browser and headless alike
+    other_cores = max(0.0, (busy1 - busy0) - (ours1 - ours0)) / (time.perf_counter() - clock0)
     manager.shutdown()
     headless = app["headless"]
     all_cores = headless_steps_per_second(data, os.cpu_count() or 1, min(args.seconds, 5.0))
     lat = app["latencies_ms"]
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cores": os.cpu_count(), "torch_threads": threads,
+        "other_processes_cores": round(other_cores, 2),
         "model": "default settings: MNIST, MLP 3x100 sigmoid, N(0,1) init, SGD lr 0.5, batch 60; BN vs none",
         "latency_ms": {"median": statistics.median(lat), "p95": percentile(lat, 95), "n": len(lat),
                        "presses": app["presses"]},
@@ -160,6 +190,7 @@ def main() -> int:
     print(f"training steps/s (two networks per step): in app {s['in_app']:.0f}, headless {s['headless']:.0f} "
           f"({threads} torch thread{'s' if threads > 1 else ''}) -> {100 * s['ratio']:.0f}%; "
           f"headless with {os.cpu_count()} threads: {all_cores:.0f}")
+    print(f"other processes kept {other_cores:.2f} of {os.cpu_count()} cores busy during the run")
     for bar, passed in ok.items():
         print(f"  {'PASS' if passed else 'FAIL'}  {bar}")
     print(json.dumps(result))
