@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bnlab.cli.main import main
-from bnlab.experiments.claims import CLAIMS, ClaimContext, ClaimResult, compare_interval
+from bnlab.experiments.claims import CLAIMS, ClaimContext, ClaimResult, Criterion
 from bnlab.experiments.claims import catalog
 from bnlab.report.claims_report import load_results, render_markdown, write_claims_report
 from bnlab.stats import Interval
@@ -16,16 +16,79 @@ from bnlab.train.runner import resume
 from fakes import fake_dataset
 
 
-@pytest.mark.parametrize("low,high,margin,want", [
-    (0.1, 0.3, 0.0, "positive"), (-0.3, -0.1, 0.0, "negative"), (-0.1, 0.2, 0.0, "unclear"),
-    (-0.001, 0.001, 0.005, "equivalent"), (0.006, 0.01, 0.005, "positive"), (0.001, 0.01, 0.005, "unclear"),
+def _iv(low, high, n=5):
+    return Interval((low + high) / 2, low, high, n)
+
+
+@pytest.mark.parametrize("kind, margin, low, high, want", [
+    # exceeds: above +margin supports, below +margin refutes (whatever the sign), straddling +margin is open
+    ("exceeds", 0.0, 0.1, 0.3, "supported"), ("exceeds", 0.0, -0.3, -0.1, "not supported"),
+    ("exceeds", 0.0, -0.1, 0.2, "inconclusive"),
+    ("exceeds", 0.005, 0.006, 0.01, "supported"), ("exceeds", 0.005, 0.001, 0.01, "inconclusive"),
+    ("exceeds", 0.005, -0.001, 0.001, "not supported"),  # inside the band: smaller than the margin
+    ("exceeds", 0.005, -0.01, 0.004, "not supported"),  # straddles -margin: still below +margin
+    ("exceeds", 0.005, -0.01, -0.006, "not supported"),
+    ("exceeds", 0.005, 0.005, 0.01, "inconclusive"),  # touching the margin is not above it
+    # within: inside the band supports, entirely outside refutes, straddling an edge is open
+    ("within", 0.005, -0.001, 0.004, "supported"), ("within", 0.005, 0.006, 0.01, "not supported"),
+    ("within", 0.005, -0.02, -0.006, "not supported"), ("within", 0.005, 0.001, 0.01, "inconclusive"),
+    ("within", 0.005, -0.01, 0.001, "inconclusive"), ("within", 0.005, -0.01, 0.01, "inconclusive"),
 ])
-def test_compare_interval_rules(low, high, margin, want):
-    assert compare_interval(Interval((low + high) / 2, low, high, 5), margin=margin) == want
+def test_a_test_outcome_at_and_around_its_boundaries(kind, margin, low, high, want):
+    assert Criterion("x", margin, kind).outcome(_iv(low, high)) == want
 
 
 def test_one_seed_is_never_conclusive():
-    assert compare_interval(Interval(1.0, 1.0, 1.0, 1)) == "unclear"
+    assert Criterion("x").outcome(Interval(1.0, 1.0, 1.0, 1)) == "inconclusive"
+    assert Criterion("x", 0.1, "within").outcome(Interval(0.0, 0.0, 0.0, 1)) == "inconclusive"
+
+
+def test_the_two_verdicts_that_disagreed_with_their_printed_rule():
+    """Issue 14: claim 7 (sigmoid before − after = −0.64 [−0.89, −0.39] points, margin 0.5) and claim 14
+    (−0.13 [−0.34, +0.09] points, margin 0.2) were reported inconclusive though their rules say
+    'not supported if the CI lies below the margin'."""
+    placement = catalog.PLACEMENT.verdict({"relu": [_iv(0.002, 0.009)], "sigmoid": [_iv(-0.0089, -0.0039)]})
+    assert placement[0] == "not supported" and "sigmoid" in placement[1]
+    assert catalog.OUTPUT_LAYER.verdict([_iv(-0.0034, 0.0009)])[0] == "not supported"
+
+
+def _boundary_cases(test):
+    """Intervals above, straddling, inside and below each boundary of ``test``, with the outcome its text promises."""
+    m = test.margin
+    if test.kind == "within":
+        return [(_iv(-m / 2, m / 2), "supported"), (_iv(m * 1.1, m * 3), "not supported"),
+                (_iv(-m * 3, -m * 1.1), "not supported"), (_iv(0, m * 2), "inconclusive"),
+                (_iv(-m * 2, 0), "inconclusive")]
+    width = max(m, 0.01)
+    return [(_iv(m + width / 10, m + width), "supported"), (_iv(m - width, m + width), "inconclusive"),
+            (_iv(m - width, m - width / 10), "not supported"), (_iv(-m - width, -m + width), "not supported"  # straddles -m: below +m unless m is 0
+             if -m + width < m else "inconclusive"), (_iv(-m - 2 * width, -m - width), "not supported")]
+
+
+@pytest.mark.parametrize("name", sorted(CLAIMS))
+def test_every_claim_verdict_follows_its_printed_rule(name):
+    """Each claim's rule on hand-made intervals around every boundary: the verdict, and the words of the
+    printed rule that promise it (the margin as printed)."""
+    rule = CLAIMS[name].verdict_rule
+    text = CLAIMS[name].rule
+    for test in rule.tests:
+        assert test._margin in text
+    for index, test in enumerate(rule.tests):
+        for iv, want in _boundary_cases(test):
+            others = [_iv(t.margin + 1, t.margin + 2) if t.kind == "exceeds" else _iv(-t.margin / 2, t.margin / 2)
+                      for t in rule.tests]  # every other test clearly supported
+            others[index] = iv
+            intervals = {"a": others, "b": others} if rule.each else others
+            verdict, reason = rule.verdict(intervals)
+            assert verdict == want, (name, test.effect, iv, reason)
+            assert test.effect in reason
+    # one refuted test refutes even when another is open; all open is inconclusive
+    if len(rule.tests) > 1:
+        open_ = [_iv(t.margin - 1, t.margin + 1) for t in rule.tests]
+        assert rule.verdict({"a": open_} if rule.each else open_)[0] == "inconclusive"
+        mixed = list(open_)
+        mixed[0] = _iv(rule.tests[0].margin - 2, rule.tests[0].margin - 1)
+        assert rule.verdict({"a": mixed} if rule.each else mixed)[0] == "not supported"
 
 
 def test_every_claim_states_its_rule_and_anchor():
@@ -157,3 +220,23 @@ def test_reestimated_statistics_are_the_cumulative_average_of_the_batches():
     torch.testing.assert_close(model[0].running_mean, torch.stack([b.mean(0) for b in batches]).mean(0))
     torch.testing.assert_close(model[0].running_var, torch.stack([b.var(0) for b in batches]).mean(0))
     assert model[0].momentum == 0.1  # restored
+
+
+def test_stored_results_are_judged_again_by_the_rule_as_written(tmp_path):
+    """Claim 14 as reported on 2026-11-22: −0.13 [−0.34, +0.09] points against a 0.2-point margin, stored
+    as 'inconclusive' by code that disagreed with the printed rule."""
+    stored = ClaimResult("output-layer", "quick", "p", 3, "final test accuracy",
+                         {"final_test_acc": {}, "hidden_only_minus_with_output": _iv(-0.0034, 0.0009, 3).to_dict()},
+                         "inconclusive", "the CI straddles the 0.2-point margin", [], {}, 1.0)
+    stored.save(tmp_path)
+    loaded = load_results(tmp_path)["output-layer"]
+    assert (loaded.verdict, loaded.earlier_verdict) == ("not supported", "inconclusive")
+    assert "→ not supported" in loaded.reason
+    text = render_markdown({"output-layer": loaded})
+    assert "**not supported** (was inconclusive)" in text and "**Changes.**" in text
+    # a result the rule agrees with is left as it was
+    agreeing = ClaimResult(**{**stored.__dict__, "numbers": {"hidden_only_minus_with_output":
+                                                                _iv(0.003, 0.01, 3).to_dict()}, "verdict": "supported"})
+    agreeing.save(tmp_path)
+    again = load_results(tmp_path)["output-layer"]
+    assert again.verdict == "supported" and again.earlier_verdict is None

@@ -27,6 +27,13 @@ class Interval:
     def to_dict(self) -> dict:
         return {**asdict(self), "half_width": self.half_width}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Interval:
+        """The interval :meth:`to_dict` wrote (JSON's null read back as NaN)."""
+        def number(v):
+            return math.nan if v is None else float(v)
+        return cls(number(d["mean"]), number(d["low"]), number(d["high"]), int(d["n"]), float(d.get("level", 0.95)))
+
 
 def mean_ci(values: Sequence[float], level: float = 0.95) -> Interval:
     """Mean and the Student-t interval ``mean ± t_{(1+level)/2, n-1} · s / sqrt(n)``.

@@ -12,14 +12,15 @@ __all__ = ["load_results", "write_claims_report", "render_markdown"]
 
 
 def load_results(directory: Path) -> dict[str, ClaimResult]:
-    """The latest result per claim; a full-protocol result wins over a quick one."""
+    """The latest result per claim (a full-protocol result wins over a quick one), each judged by its
+    claim's rule as written now (:meth:`~bnlab.experiments.claims.Claim.rejudge`)."""
     results: dict[str, ClaimResult] = {}
     for path in sorted(directory.glob("*.json")):
         result = ClaimResult.load(path)
         current = results.get(result.claim)
         if current is None or (current.protocol == "quick" and result.protocol == "full"):
             results[result.claim] = result
-    return results
+    return {name: CLAIMS[name].rejudge(r) if name in CLAIMS else r for name, r in results.items()}
 
 
 def _format(value) -> str:
@@ -52,7 +53,15 @@ def render_markdown(results: dict[str, ClaimResult], plot_prefix: str = "") -> s
     for claim in sorted(CLAIMS.values(), key=lambda c: c.number):
         r = results.get(claim.name)
         verdict = f"**{r.verdict}**" if r else "not run yet"
+        if r and r.earlier_verdict:
+            verdict += f" (was {r.earlier_verdict})"
         lines.append(f"| {claim.number} | {claim.title} (`{claim.name}`) | {r.protocol if r else '-'} | {verdict} |")
+    changed = [(claim, results[claim.name]) for claim in sorted(CLAIMS.values(), key=lambda c: c.number)
+               if claim.name in results and results[claim.name].earlier_verdict]
+    if changed:
+        lines += ["", "**Changes.** Verdicts re-derived from the stored intervals by each claim's rule as written "
+                  "(the rule's text and its verdict now come from one definition, `bnlab.experiments.claims.Rule`):", ""]
+        lines += [f"- {c.number}. {c.title}: **{r.verdict}**, was {r.earlier_verdict}." for c, r in changed]
     for claim in sorted(CLAIMS.values(), key=lambda c: c.number):
         r = results.get(claim.name)
         lines += ["", f"## {claim.number}. {claim.title}", "", f"*What the seeds say:* {claim.seed_wording}.", "",
@@ -66,7 +75,9 @@ def render_markdown(results: dict[str, ClaimResult], plot_prefix: str = "") -> s
                    "cover initialization and dropout only")
         lines += ["", f"*Protocol ({r.protocol}, {r.seeds} seeds; {batches}):* {r.protocol_text}.", "",
                   f"*Statistic:* {r.statistic}.", "", *_number_lines(r.numbers), "",
-                  f"**Verdict: {r.verdict}**, because {r.reason}.", ""]
+                  f"**Verdict: {r.verdict}**, because {r.reason}."
+                  + (f" (The stored result said *{r.earlier_verdict}*; re-derived by the rule as written.)"
+                     if r.earlier_verdict else ""), ""]
         lines += [f"![{claim.name}]({plot_prefix}{Path(p).name})" for p in r.plots]
         lines += ["", f"<sub>{r.wall_seconds:.0f} s, {r.code_version}</sub>"]
     return "\n".join(lines) + "\n"

@@ -5,9 +5,9 @@ through the run store, so finished arms are reused and interrupted ones resume) 
 saves its :class:`ClaimResult` as JSON beside the store.
 """
 
-from bnlab.experiments.claims.base import Arm, Claim, ClaimContext, ClaimResult, compare_interval
+from bnlab.experiments.claims.base import Arm, Claim, ClaimContext, ClaimResult, Criterion, Rule
 from bnlab.experiments.claims.catalog import CLAIMS
 
 DEFAULT_SEEDS = {"quick": 3, "full": 5}
 
-__all__ = ["CLAIMS", "Claim", "ClaimContext", "ClaimResult", "Arm", "compare_interval", "DEFAULT_SEEDS"]
+__all__ = ["CLAIMS", "Claim", "ClaimContext", "ClaimResult", "Arm", "Rule", "Criterion", "DEFAULT_SEEDS"]

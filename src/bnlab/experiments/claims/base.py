@@ -9,6 +9,7 @@ store, so an arm shared by two claims, or by a rerun, is trained once.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -24,7 +25,7 @@ from bnlab.store import RunStore
 from bnlab.train import TrainConfig, run_group
 from bnlab.train.runner import code_version
 
-__all__ = ["Claim", "ClaimContext", "ClaimResult", "Arm", "VERDICTS", "compare_interval"]
+__all__ = ["Claim", "ClaimContext", "ClaimResult", "Arm", "VERDICTS", "Rule", "Criterion"]
 
 VERDICTS = ("supported", "not supported", "inconclusive")
 
@@ -82,8 +83,8 @@ class ClaimResult:
     seeds: int
     statistic: str  # what the numbers measure
     numbers: dict  # the statistic per condition, with CIs
-    verdict: str
-    reason: str  # the rule applied to these numbers, in words
+    verdict: str | None  # None until Claim.execute judges the numbers by the claim's rule
+    reason: str | None  # the rule applied to these numbers, in words
     plots: list[str]
     runs: dict[str, list[str]]  # arm label -> run ids
     wall_seconds: float
@@ -91,9 +92,11 @@ class ClaimResult:
     # "per_seed" when every arm gave each seed its own batch order; "shared" when all seeds saw the
     # same batches, so the CIs cover initialization only (every result made before 2026-12-02)
     data_order: str = "shared"
+    # what the stored result said, when the rule as written now judges its numbers differently
+    earlier_verdict: str | None = None
 
     def __post_init__(self):
-        if self.verdict not in VERDICTS:
+        if self.verdict is not None and self.verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
 
     def save(self, directory: Path) -> Path:
@@ -122,7 +125,7 @@ class Claim:
         number: its number in the claims list.
         title: one line.
         seed_wording: what the seeds say, briefly quoted, with the seed number.
-        rule: the verdict rule, stated before any run.
+        verdict_rule: the verdict rule (:class:`Rule`), stated before any run; ``rule`` is its text.
         anchor: the published number or figure to set ours against.
         run: ``run(ctx) -> ClaimResult``.
     """
@@ -131,34 +134,141 @@ class Claim:
     number: int
     title: str
     seed_wording: str
-    rule: str
+    verdict_rule: Rule
     anchor: str
     run: Callable[[ClaimContext], ClaimResult]
+
+    @property
+    def rule(self) -> str:
+        """The verdict rule in words, made from :attr:`verdict_rule`."""
+        return self.verdict_rule.text
+
+    def rejudge(self, result: ClaimResult) -> ClaimResult:
+        """``result`` judged again from its numbers by the rule as written now (results stored by an
+        earlier bnlab may have been judged by code that disagreed with the printed rule); if the
+        verdict changes, ``earlier_verdict`` keeps the stored one."""
+        verdict, reason = self.verdict_rule.judge(result.numbers)
+        if verdict == result.verdict:
+            return dataclasses.replace(result, reason=reason)
+        return dataclasses.replace(result, verdict=verdict, reason=reason, earlier_verdict=result.verdict)
 
     def execute(self, ctx: ClaimContext) -> ClaimResult:
         started = time.perf_counter()
         ctx.data_orders.clear()
         result = self.run(ctx)
+        result.verdict, result.reason = self.verdict_rule.judge(result.numbers)
         result.wall_seconds = time.perf_counter() - started
         result.data_order = "per_seed" if ctx.data_orders == {"per_seed"} else "shared"
         result.save(ctx.store.path.parent / "claims")
         return result
 
 
-def compare_interval(iv: Interval, *, margin: float = 0.0) -> str:
-    """Where a 95% interval of an effect lies relative to zero and an equivalence band ±margin.
+@dataclass(frozen=True)
+class Criterion:
+    """One effect, measured as a 95% Welch interval and held against a margin fixed before any run.
 
-    ``"positive"``: entirely above ``margin``; ``"negative"``: entirely below ``-margin``;
-    ``"equivalent"``: entirely inside ``(-margin, margin)`` (a real but negligible effect, or
-    none); ``"unclear"`` otherwise. With one seed (no interval) the answer is ``"unclear"``.
+    ``kind="exceeds"``: supported if the interval lies above ``+margin``; not supported if it lies
+    below ``+margin`` (the effect is smaller than the margin, whatever its sign); inconclusive if it
+    straddles ``+margin``. ``kind="within"``: supported if the interval lies inside
+    ``(-margin, +margin)``; not supported if it lies entirely outside that band; inconclusive if it
+    straddles an edge. Without an interval (fewer than two seeds) the outcome is inconclusive.
     """
-    if iv.n < 2 or math.isnan(iv.low):
-        return "unclear"
-    if iv.low > margin:
-        return "positive"
-    if iv.high < -margin:
-        return "negative"
-    if margin > 0 and -margin < iv.low and iv.high < margin:
-        return "equivalent"
-    return "unclear"
 
+    effect: str  # the difference the interval is of, e.g. "steps to 95% without BN − with BN"
+    margin: float = 0.0
+    kind: str = "exceeds"
+    unit: str = ""  # what the printed margin and intervals are in, e.g. "points"
+    scale: float = 1.0  # the printed numbers are the values times this (100: accuracy in points)
+
+    def __post_init__(self):
+        if self.kind not in ("exceeds", "within"):
+            raise ValueError(f"kind must be 'exceeds' or 'within', got {self.kind!r}")
+        if self.kind == "within" and not self.margin > 0:
+            raise ValueError("a 'within' test needs a positive margin")
+
+    def outcome(self, iv: Interval) -> str:
+        if iv.n < 2 or math.isnan(iv.low) or math.isnan(iv.high):
+            return "inconclusive"
+        m = self.margin
+        if self.kind == "exceeds":
+            return "supported" if iv.low > m else "not supported" if iv.high < m else "inconclusive"
+        if -m < iv.low and iv.high < m:
+            return "supported"
+        return "not supported" if iv.low >= m or iv.high <= -m else "inconclusive"
+
+    def _number(self, value: float) -> str:
+        return f"{value * self.scale:.3g}"
+
+    @property
+    def _margin(self) -> str:
+        number = self._number(self.margin)
+        text = f"±{number}" if self.kind == "within" else number
+        unit = self.unit.removesuffix("s") if number == "1" else self.unit  # 1 point, 0.5 points
+        return f"{text} {unit}" if unit else text
+
+    @property
+    def supported_text(self) -> str:
+        where = "inside" if self.kind == "within" else "above"
+        return f"the 95% Welch CI of ({self.effect}) lies {where} {self._margin}"
+
+    def refuted_text(self, named: bool = True) -> str:
+        subject = f"the CI of ({self.effect})" if named else "that CI"
+        if self.kind == "within":
+            return f"{subject} lies entirely outside {self._margin}"
+        return f"{subject} lies below {self._margin}"
+
+    def describe(self, iv: Interval) -> str:
+        unit = f" {self.unit}" if self.unit else ""
+        if iv.n < 2 or math.isnan(iv.low):
+            return f"{self.effect}: no interval (n = {iv.n})"
+        return (f"{self.effect}: {iv.mean * self.scale:+.3g} [{iv.low * self.scale:+.3g}, "
+                f"{iv.high * self.scale:+.3g}]{unit} → {self.outcome(iv)}")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A claim's verdict rule, as data: both the text printed above the result and the verdict are
+    made from it, so the two cannot drift apart.
+
+    Supported if every test is supported (for each ``each`` condition, when given); not supported if
+    any test is not supported; inconclusive otherwise.
+    """
+
+    tests: tuple[Criterion, ...]
+    each: str = ""  # e.g. "recipe": the tests are applied to every recipe
+    # where the intervals are in a claim's ``numbers``: one per test, or {condition: one per test}
+    evidence: Callable[[dict], object] | None = None
+
+    def judge(self, numbers: dict) -> tuple[str, str]:
+        """``(verdict, reason)`` for a claim's numbers (a run's, or a stored result's, so an old result
+        can be judged again by the rule as written now)."""
+        return self.verdict(self.evidence(numbers))
+
+    @property
+    def text(self) -> str:
+        supported = " and ".join(t.supported_text for t in self.tests)
+        refuted = " or ".join(t.refuted_text(named=len(self.tests) > 1) for t in self.tests)
+        if self.each:
+            return (f"supported if, for every {self.each}, {supported}; not supported if, for any {self.each}, "
+                    f"{refuted}; inconclusive otherwise")
+        return f"supported if {supported}; not supported if {refuted}; inconclusive otherwise"
+
+    def verdict(self, intervals) -> tuple[str, str]:
+        """``(verdict, reason)`` from one :class:`~bnlab.stats.Interval` per test, or, with ``each``,
+        ``{condition: [one per test]}``. The reason lists every interval and its outcome."""
+        cases = intervals if self.each else {"": intervals}
+        outcomes, parts = [], []
+        for condition, ivs in cases.items():
+            ivs = [iv if isinstance(iv, Interval) else Interval.from_dict(iv) for iv in ivs]
+            if len(ivs) != len(self.tests):
+                raise ValueError(f"{len(self.tests)} test(s), {len(ivs)} interval(s)")
+            for test, iv in zip(self.tests, ivs):
+                outcomes.append(test.outcome(iv))
+                parts.append((f"{condition}: " if condition else "") + test.describe(iv))
+        if outcomes and all(o == "supported" for o in outcomes):
+            verdict = "supported"
+        elif "not supported" in outcomes:
+            verdict = "not supported"
+        else:
+            verdict = "inconclusive"
+        return verdict, "; ".join(parts)

@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from bnlab.experiments.claims.base import Arm, Claim, ClaimContext, ClaimResult, compare_interval
+from bnlab.experiments.claims.base import Arm, Claim, ClaimContext, ClaimResult, Criterion, Rule
 from bnlab.models import PRESETS, ModelSpec
 from bnlab.probes import gradient_ics, landscape, loss_surface, preactivation_percentiles
 from bnlab.report.plots import accuracy_and_percentiles, bars_with_ci, lines_with_ci, loss_contours
@@ -65,13 +65,11 @@ def _values(summary: dict, key: str, censor_at_total: bool = False) -> list[floa
     return out
 
 
-def _verdict(where: str, supported: str, refuted: str, unclear: str) -> tuple[str, str]:
-    """The usual rule: a positive interval supports, a negative or negligible one refutes."""
-    if where == "positive":
-        return "supported", supported
-    if where in ("negative", "equivalent"):
-        return "not supported", refuted
-    return "inconclusive", unclear
+def _one(numbers: dict, prefix: str = "", suffix: str = "") -> dict:
+    """The one entry of ``numbers`` whose key starts with ``prefix`` and ends with ``suffix`` (the part
+    between names a value that depends on the protocol: a learning rate, a threshold, a norm)."""
+    (key,) = [k for k in numbers if k.startswith(prefix) and k.endswith(suffix)]
+    return numbers[key]
 
 
 def _plot(ctx: ClaimContext, name: str) -> str:
@@ -83,9 +81,13 @@ def _plot(ctx: ClaimContext, name: str) -> str:
 # -- 1. BN trains faster ---------------------------------------------------------------------------------
 
 
+TRAINS_FASTER = Rule((Criterion("steps to 95% test accuracy without BN − with BN"),), each="recipe",
+                     evidence=lambda n: {recipe: [v["difference_no_bn_minus_bn"]] for recipe, v in n.items()})
+
+
 def _trains_faster(ctx: ClaimContext) -> ClaimResult:
     recipes = {"torch-mlp": QUICK_EPOCHS} if ctx.quick else {"torch-mlp": None, "keras-mlp": None, "keras-cnn": None}
-    numbers, runs, where = {}, {}, {}
+    numbers, runs = {}, {}
     for recipe, epochs in recipes.items():
         spec, cfg = _preset(recipe, epochs)
         arms = {label: ctx.train("trains-faster", Arm(f"{recipe}/{label}", spec.with_(norm=norm), cfg))
@@ -94,7 +96,6 @@ def _trains_faster(ctx: ClaimContext) -> ClaimResult:
             runs[f"{recipe}/{label}"] = [r["run_id"] for r in summary["per_seed"]]
         steps = {label: _values(s, "steps_to_95", censor_at_total=True) for label, s in arms.items()}
         diff = welch_diff(steps["no BN"], steps["BN"])
-        where[recipe] = compare_interval(diff)
         numbers[recipe] = {
             "steps_to_95_no_bn": mean_ci(steps["no BN"]).to_dict(),
             "steps_to_95_bn": mean_ci(steps["BN"]).to_dict(),
@@ -104,12 +105,6 @@ def _trains_faster(ctx: ClaimContext) -> ClaimResult:
                             for label, s in arms.items()},
             "final_test_acc": {label: s["aggregate"]["final_test_acc"] for label, s in arms.items()},
         }
-    if all(w == "positive" for w in where.values()):
-        verdict, reason = "supported", "for every recipe the 95% CI of (steps without BN − steps with BN) lies above 0"
-    elif any(w == "negative" for w in where.values()):
-        verdict, reason = "not supported", f"the CI lies below 0 for {[r for r, w in where.items() if w == 'negative']}"
-    else:
-        verdict, reason = "inconclusive", f"a CI includes 0 ({where})"
     plot = bars_with_ci(
         _plot(ctx, "trains-faster"), list(recipes),
         {"no BN": [numbers[r]["steps_to_95_no_bn"] for r in recipes], "BN": [numbers[r]["steps_to_95_bn"] for r in recipes]},
@@ -120,7 +115,7 @@ def _trains_faster(ctx: ClaimContext) -> ClaimResult:
                 "2N), so steps-to-95% is known to that resolution; a run that never reaches 95% counts as its "
                 "total steps (a lower bound)")
     return ClaimResult("trains-faster", ctx.protocol_name, protocol, ctx.seeds, "steps to 95% test accuracy",
-                       numbers, verdict, reason, [plot], runs, 0.0)
+                       numbers, None, None, [plot], runs, 0.0)
 
 
 # -- 2. BN tolerates higher learning rates ------------------------------------------------------------------
@@ -132,6 +127,11 @@ def _sweep_plot(ctx, name, results, title, xlabel):
         series[f"{act}, {label}"] = [(x, iv) for x, iv in points]
     return lines_with_ci(_plot(ctx, name), series, title=title, xlabel=xlabel, ylabel="final test accuracy (%)",
                          logx=True, scale=100.0)
+
+
+HIGHER_LR = Rule((Criterion("final test accuracy of the ReLU net at the largest learning rate, BN − no BN", 0.05,
+                       unit="points", scale=100),),
+            evidence=lambda n: [_one(n, prefix="relu_bn_minus_no_bn_at_lr_")])
 
 
 def _higher_lr(ctx: ClaimContext) -> ClaimResult:
@@ -152,28 +152,26 @@ def _higher_lr(ctx: ClaimContext) -> ClaimResult:
             results[(act, label)] = points
     top = max(lrs)
     diff = welch_diff(finals[("relu", "BN", top)], finals[("relu", "no BN", top)])
-    where = compare_interval(diff, margin=0.05)
     numbers = {
         "final_test_acc": {f"{act}, {label}": {str(lr): iv for lr, iv in pts} for (act, label), pts in results.items()},
         f"relu_bn_minus_no_bn_at_lr_{top}": diff.to_dict(),
         f"sigmoid_bn_minus_no_bn_at_lr_{top}": welch_diff(finals[("sigmoid", "BN", top)],
                                                           finals[("sigmoid", "no BN", top)]).to_dict(),
     }
-    if diff.n >= 2 and diff.low > 0.05:
-        verdict, reason = "supported", f"at lr {top} the ReLU net with BN beats the one without by more than 5 points (CI {diff.low:.3f}..{diff.high:.3f})"
-    elif diff.n >= 2 and diff.high < 0.05:
-        verdict, reason = "not supported", f"at lr {top} BN's advantage is below 5 points (CI {diff.low:.3f}..{diff.high:.3f})"
-    else:
-        verdict, reason = "inconclusive", f"the CI of BN's advantage at lr {top} straddles 5 points ({where})"
     plot = _sweep_plot(ctx, "higher-lr", results, "Final test accuracy vs learning rate (784-100x3-10)",
                        "learning rate (SGD)")
     protocol = (f"784-100-100-100-10, ReLU and sigmoid, BN before the activation (no bias), N(0, 0.05²) init, "
                 f"plain SGD, batch 60, {steps} steps, learning rates {list(lrs)}, MNIST pixels in [0, 1]")
-    return ClaimResult("higher-lr", ctx.protocol_name, protocol, ctx.seeds, "final test accuracy", numbers, verdict,
-                       reason, [plot], runs, 0.0)
+    return ClaimResult("higher-lr", ctx.protocol_name, protocol, ctx.seeds, "final test accuracy", numbers, None,
+                       None, [plot], runs, 0.0)
 
 
 # -- 3. BN makes training less sensitive to initialization -------------------------------------------------
+
+
+INIT_SENSITIVITY = Rule((Criterion("final test accuracy at each network's worst initialization, BN − no BN", 0.05,
+                              unit="points", scale=100),),
+            evidence=lambda n: [n["bn_worst_minus_no_bn_worst"]])
 
 
 def _init_sensitivity(ctx: ClaimContext) -> ClaimResult:
@@ -204,18 +202,12 @@ def _init_sensitivity(ctx: ClaimContext) -> ClaimResult:
         "bn_worst_minus_no_bn_worst": diff.to_dict(),
         "spread_best_minus_worst": spread,
     }
-    if diff.n >= 2 and diff.low > 0.05:
-        verdict, reason = "supported", "BN's worst-initialization accuracy beats no-BN's worst by more than 5 points (CI)"
-    elif diff.n >= 2 and diff.high < 0.05:
-        verdict, reason = "not supported", "BN's worst-case advantage is below 5 points (CI)"
-    else:
-        verdict, reason = "inconclusive", "the CI of BN's worst-case advantage straddles 5 points"
     plot = _sweep_plot(ctx, "init-sensitivity", results, "Final test accuracy vs initial weight std (ReLU)",
                        "std of the initial weights")
     protocol = (f"784-100-100-100-10 ReLU, N(0, std²) init with std in {list(scales)}, plain SGD lr 0.1, "
                 f"batch 60, {steps} steps, with and without BN")
     return ClaimResult("init-sensitivity", ctx.protocol_name, protocol, ctx.seeds,
-                       "final test accuracy at the worst initialization", numbers, verdict, reason, [plot], runs, 0.0)
+                       "final test accuracy at the worst initialization", numbers, None, None, [plot], runs, 0.0)
 
 
 # -- 4. Ioffe & Szegedy Figure 1 ------------------------------------------------------------------------------
@@ -234,6 +226,11 @@ def _mean_curve(summary: dict, name: str) -> list[tuple[int, float]]:
     curves = [dict(summary["series"][r["run_id"]].get(name, [])) for r in summary["per_seed"]]
     steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
     return [(s, sum(c[s] for c in curves) / len(curves)) for s in steps]
+
+
+IOFFE_FIGURE_1 = Rule((Criterion("steps to 95% test accuracy (90% in the quick protocol) without BN − with BN"),
+                       Criterion("drift of the tracked sigmoid input's median without BN − with BN")),
+            evidence=lambda n: [_one(n, "steps_to_", "_no_bn_minus_bn"), n["median_drift_no_bn_minus_bn"]])
 
 
 def _ioffe_figure_1(ctx: ClaimContext) -> ClaimResult:
@@ -264,14 +261,6 @@ def _ioffe_figure_1(ctx: ClaimContext) -> ClaimResult:
         "median_drift_no_bn_minus_bn": steadier.to_dict(),
         "p85_minus_p15_drift_std": {label: mean_ci(v).to_dict() for label, v in spread.items()},
     }
-    faster, calmer = compare_interval(speed), compare_interval(steadier)
-    if faster == "positive" and calmer == "positive":
-        verdict, reason = "supported", (f"BN reaches {threshold:.0%} sooner and its sigmoid input's median drifts less "
-                                        "(both CIs above 0)")
-    elif "negative" in (faster, calmer):
-        verdict, reason = "not supported", f"a CI lies below 0 (speed: {faster}, drift: {calmer})"
-    else:
-        verdict, reason = "inconclusive", f"a CI includes 0 (speed: {faster}, drift: {calmer})"
     first = {label: s["series"][s["per_seed"][0]["run_id"]] for label, s in arms.items()}
     plot = accuracy_and_percentiles(
         _plot(ctx, "ioffe-figure-1"), {label: _mean_curve(s, "test_acc") for label, s in arms.items()},
@@ -284,8 +273,8 @@ def _ioffe_figure_1(ctx: ClaimContext) -> ClaimResult:
                 f"evaluation points (after the first 10% of training) of the median; speed = steps to "
                 f"{threshold:.0%} test accuracy (runs that never get there count as their total steps)")
     return ClaimResult("ioffe-figure-1", ctx.protocol_name, protocol, ctx.seeds,
-                       f"steps to {threshold:.0%} test accuracy, and the drift of the sigmoid input's median", numbers, verdict,
-                       reason, [plot], runs, 0.0)
+                       f"steps to {threshold:.0%} test accuracy, and the drift of the sigmoid input's median", numbers, None,
+                       None, [plot], runs, 0.0)
 
 
 # -- 5. Internal covariate shift, two ways -------------------------------------------------------------------
@@ -297,6 +286,11 @@ def _series_mean(series: list[tuple[int, float]], skip_fraction: float = 0.1) ->
     last = series[-1][0]
     values = [v for s, v in series if s >= skip_fraction * last and v is not None]
     return sum(values) / len(values) if values else float("nan")
+
+
+ICS = Rule((Criterion("drift of the sigmoid-input median without BN − with BN"),
+            Criterion("Santurkar et al.'s gradient ICS (relative ℓ2) without BN − with BN", 0.01)),
+            evidence=lambda n: [n["drift_no_bn_minus_bn"], n["relative_ics_no_bn_minus_bn"]])
 
 
 def _ics(ctx: ClaimContext) -> ClaimResult:
@@ -325,15 +319,6 @@ def _ics(ctx: ClaimContext) -> ClaimResult:
         "gradient_ics_l2": {label: mean_ci(v["ics_l2"]).to_dict() for label, v in per_seed.items()},
         "relative_ics_no_bn_minus_bn": ics_less.to_dict(),
     }
-    by_drift, by_gradient = compare_interval(drift_less), compare_interval(ics_less, margin=0.01)
-    if by_drift == "positive" and by_gradient == "positive":
-        verdict, reason = "supported", "BN lowers both the distribution drift and the gradient-based ICS (CIs)"
-    elif by_gradient in ("negative", "equivalent"):
-        verdict = "not supported"
-        reason = (f"BN does not lower Santurkar et al.'s gradient ICS (relative ℓ2 {by_gradient}), though the "
-                  f"distribution drift is {'lower' if by_drift == 'positive' else 'not clearly lower'} with BN")
-    else:
-        verdict, reason = "inconclusive", f"drift: {by_drift}, gradient ICS: {by_gradient}"
     series = {}
     for label, s in arms.items():
         first = s["series"][s["per_seed"][0]["run_id"]]
@@ -345,11 +330,16 @@ def _ics(ctx: ClaimContext) -> ClaimResult:
                 "(b) Santurkar et al.'s Definition 2.1 at the last hidden layer on a fixed batch of 256 training "
                 "images: G vs G' after the earlier layers take their SGD step; averaged after the first 10% of training")
     return ClaimResult("ics", ctx.protocol_name, protocol, ctx.seeds,
-                       "distribution drift, and gradient-based ICS (relative ℓ2, cosine)", numbers, verdict, reason,
+                       "distribution drift, and gradient-based ICS (relative ℓ2, cosine)", numbers, None, None,
                        [plot], runs, 0.0)
 
 
 # -- 6. A smoother optimization landscape ------------------------------------------------------------------
+
+
+LANDSCAPE = Rule((Criterion("effective β-smoothness without BN − with BN"),
+                  Criterion("loss range along the gradient without BN − with BN")),
+            evidence=lambda n: [n["beta_eff_no_bn_minus_bn"], n["loss_range_no_bn_minus_bn"]])
 
 
 def _landscape(ctx: ClaimContext) -> ClaimResult:
@@ -369,13 +359,6 @@ def _landscape(ctx: ClaimContext) -> ClaimResult:
     diffs = {n: welch_diff(per_seed["no BN"][n], per_seed["BN"][n]) for n in names}
     numbers = {**{n: {label: mean_ci(v[n]).to_dict() for label, v in per_seed.items()} for n in names},
                **{f"{n}_no_bn_minus_bn": d.to_dict() for n, d in diffs.items()}}
-    smoother, flatter = compare_interval(diffs["beta_eff"]), compare_interval(diffs["loss_range"])
-    if smoother == "positive" and flatter == "positive":
-        verdict, reason = "supported", "with BN both the effective β-smoothness and the loss range along the gradient are lower (CIs)"
-    elif "negative" in (smoother, flatter):
-        verdict, reason = "not supported", f"a measure is higher with BN (β_eff: {smoother}, loss range: {flatter})"
-    else:
-        verdict, reason = "inconclusive", f"β_eff: {smoother}, loss range: {flatter}"
     series = {}
     for label, s in arms.items():
         first = s["series"][s["per_seed"][0]["run_id"]]
@@ -393,17 +376,21 @@ def _landscape(ctx: ClaimContext) -> ClaimResult:
                 "change, averaged after the first 10% of training; plus the loss surface around the final weights "
                 f"on a {SURFACE_POINTS}×{SURFACE_POINTS} grid along two filter-normalized random directions")
     return ClaimResult("landscape", ctx.protocol_name, protocol, ctx.seeds,
-                       "effective β-smoothness and loss range along the gradient", numbers, verdict, reason,
+                       "effective β-smoothness and loss range along the gradient", numbers, None, None,
                        [curve, surface], runs, 0.0)
 
 
 # -- 7. Placement before vs after the activation -------------------------------------------------------------
 
 
+PLACEMENT = Rule((Criterion("final test accuracy with BN before − after the activation", 0.005, unit="points", scale=100),),
+                 each="activation (ReLU, sigmoid)",
+                 evidence=lambda n: {act: [n[act]["before_minus_after"]] for act in ("relu", "sigmoid")})
+
+
 def _placement(ctx: ClaimContext) -> ClaimResult:
     steps = STEPS["placement"][ctx.protocol_name]
     numbers, runs, intervals = {}, {}, {"before": [], "after": []}
-    wheres = {}
     for act in ("relu", "sigmoid"):
         accs = {}
         for placement in ("before", "after"):
@@ -414,25 +401,24 @@ def _placement(ctx: ClaimContext) -> ClaimResult:
             accs[placement] = _values(summary, "final_test_acc")
             intervals[placement].append(mean_ci(accs[placement]).to_dict())
         diff = welch_diff(accs["before"], accs["after"])
-        wheres[act] = compare_interval(diff, margin=0.005)
         numbers[act] = {"before": intervals["before"][-1], "after": intervals["after"][-1],
                         "before_minus_after": diff.to_dict()}
-    if all(w == "positive" for w in wheres.values()):
-        verdict, reason = "supported", "before beats after by more than 0.5 points for both activations (CI)"
-    elif any(w in ("negative", "equivalent") for w in wheres.values()):
-        verdict = "not supported"
-        reason = f"before is not better by 0.5 points for {[a for a, w in wheres.items() if w in ('negative', 'equivalent')]}"
-    else:
-        verdict, reason = "inconclusive", f"CIs straddle the 0.5-point margin ({wheres})"
     plot = bars_with_ci(_plot(ctx, "placement"), ["relu", "sigmoid"], intervals,
                         title="Final test accuracy by BN placement", ylabel="test accuracy (%)", scale=100.0)
     protocol = (f"784-100-100-100-10 with BN before (linear→BN→act) or after (linear→act→BN) the activation, "
                 f"ReLU and sigmoid, N(0, 0.05²) init, plain SGD lr 0.1, batch 60, {steps} steps")
     return ClaimResult("placement", ctx.protocol_name, protocol, ctx.seeds, "final test accuracy, before − after",
-                       numbers, verdict, reason, [plot], runs, 0.0)
+                       numbers, None, None, [plot], runs, 0.0)
 
 
 # -- 8. Small batches ------------------------------------------------------------------------------------
+
+
+SMALL_BATCHES_RULE = Rule((Criterion(f"BN's final test accuracy at batch {SMALL_BATCHES[-1]} − at batch {SMALL_BATCHES[0]}",
+                                0.01, unit="points", scale=100),
+                           Criterion(f"final test accuracy at batch {SMALL_BATCHES[0]}, the better of GroupNorm and "
+                                "LayerNorm − BN", 0.01, unit="points", scale=100)),
+            evidence=lambda n: [n[f"bn_batch{SMALL_BATCHES[-1]}_minus_batch{SMALL_BATCHES[0]}"], _one(n, suffix=f"_minus_bn_at_batch{SMALL_BATCHES[0]}")])
 
 
 def _small_batches(ctx: ClaimContext) -> ClaimResult:
@@ -459,16 +445,6 @@ def _small_batches(ctx: ClaimContext) -> ClaimResult:
         f"bn_batch{largest}_minus_batch{smallest}": bn_loss.to_dict(),
         f"{best_alt}_minus_bn_at_batch{smallest}": alt_gain.to_dict(),
     }
-    degrades, helps = compare_interval(bn_loss, margin=0.01), compare_interval(alt_gain, margin=0.01)
-    if degrades == "positive" and helps == "positive":
-        verdict = "supported"
-        reason = (f"BN loses more than 1 point from batch {largest} to {smallest}, and {best_alt} beats it at "
-                  f"batch {smallest} by more than 1 point (CIs)")
-    elif degrades in ("negative", "equivalent") or helps in ("negative", "equivalent"):
-        verdict = "not supported"
-        reason = f"BN's loss at batch {smallest}: {degrades}; {best_alt}'s advantage there: {helps} (1-point margin)"
-    else:
-        verdict, reason = "inconclusive", f"CIs straddle the 1-point margin (BN loss: {degrades}, {best_alt} gain: {helps})"
     plot = lines_with_ci(_plot(ctx, "small-batches"), series, title="Final test accuracy vs batch size (LR ∝ batch)",
                          xlabel="batch size", ylabel="final test accuracy (%)", logx=True, scale=100.0)
     protocol = (f"784-100-100-100-10 ReLU with each norm before the activation, plain SGD with lr = 0.1·B/32 "
@@ -476,7 +452,7 @@ def _small_batches(ctx: ClaimContext) -> ClaimResult:
                 f"{list(SMALL_BATCHES)}; GroupNorm with 25 groups of 4 features; Batch Renorm with fixed r_max=3, "
                 "d_max=5 (no warm-up schedule); models evaluated in eval mode")
     return ClaimResult("small-batches", ctx.protocol_name, protocol, ctx.seeds, "final test accuracy", numbers,
-                       verdict, reason, [plot], runs, 0.0)
+                       None, None, [plot], runs, 0.0)
 
 
 # -- 9. Train mode vs eval mode at inference ----------------------------------------------------------------
@@ -491,6 +467,11 @@ def _accuracy(model, x, y, batch) -> float:
     for start in range(0, len(x), batch):
         correct += (model(x[start : start + batch]).argmax(1) == y[start : start + batch]).sum().item()
     return correct / len(x)
+
+
+TRAIN_VS_EVAL = Rule((Criterion(f"test accuracy in eval mode − in train mode with evaluation batches of {EVAL_BATCHES[0]}",
+                           0.01, unit="points", scale=100),),
+            evidence=lambda n: [n["drop_by_eval_batch"][str(EVAL_BATCHES[0])]])
 
 
 def _train_vs_eval(ctx: ClaimContext) -> ClaimResult:
@@ -509,15 +490,11 @@ def _train_vs_eval(ctx: ClaimContext) -> ClaimResult:
             train_acc[b].append(_accuracy(forgot, data.test_x, data.test_y, b))
     drops = {b: welch_diff(eval_acc, train_acc[b]) for b in EVAL_BATCHES}
     smallest = drops[EVAL_BATCHES[0]]
-    where = compare_interval(smallest, margin=0.01)
     numbers = {
         "eval_mode_acc": mean_ci(eval_acc).to_dict(),
         "train_mode_acc_by_eval_batch": {str(b): mean_ci(v).to_dict() for b, v in train_acc.items()},
         "drop_by_eval_batch": {str(b): d.to_dict() for b, d in drops.items()},
     }
-    verdict, reason = _verdict(where, f"at eval batch {EVAL_BATCHES[0]} train mode loses more than 1 point (CI)",
-                               f"at eval batch {EVAL_BATCHES[0]} the loss is below 1 point (CI)",
-                               "the CI of the loss at the smallest eval batch straddles 1 point")
     plot = lines_with_ci(_plot(ctx, "train-vs-eval"),
                          {"model left in train mode": [(b, mean_ci(train_acc[b]).to_dict()) for b in EVAL_BATCHES]},
                          title="Test accuracy of a BN model evaluated in train mode", xlabel="evaluation batch size",
@@ -527,11 +504,15 @@ def _train_vs_eval(ctx: ClaimContext) -> ClaimResult:
                 f"the test set in eval mode and, as if model.eval() were forgotten, in train mode with evaluation "
                 f"batches of {list(EVAL_BATCHES)}")
     return ClaimResult("train-vs-eval", ctx.protocol_name, protocol, ctx.seeds,
-                       "test accuracy lost by evaluating in train mode", numbers, verdict, reason, [plot],
+                       "test accuracy lost by evaluating in train mode", numbers, None, None, [plot],
                        {arm.label: [r["run_id"] for r in summary["per_seed"]]}, 0.0)
 
 
 # -- 10. Regularization: BN, Dropout, both ------------------------------------------------------------------
+
+
+REGULARIZATION = Rule((Criterion("train–test accuracy gap without BN − with BN", 0.001, unit="points", scale=100),),
+            evidence=lambda n: [n["gap_neither_minus_bn"]])
 
 
 def _regularization(ctx: ClaimContext) -> ClaimResult:
@@ -557,10 +538,6 @@ def _regularization(ctx: ClaimContext) -> ClaimResult:
         "gap_neither_minus_bn": bn_vs_none.to_dict(),
         "acc_bn_dropout_minus_bn": dropout_adds.to_dict(),
     }
-    regularizes = compare_interval(bn_vs_none, margin=0.001)
-    verdict, reason = _verdict(regularizes, "BN's train–test gap is smaller than without BN by more than 0.1 points (CI)",
-                               f"BN does not shrink the train–test gap by 0.1 points ({regularizes})",
-                               "the CI of the gap difference straddles the 0.1-point margin")
     plot = bars_with_ci(_plot(ctx, "regularization"), ["train–test gap", "test accuracy"],
                         {label: [mean_ci(gaps[label]).to_dict(), mean_ci(accs[label]).to_dict()] for label in arms},
                         title="Regularization: train–test accuracy gap and test accuracy", ylabel="percent",
@@ -569,7 +546,7 @@ def _regularization(ctx: ClaimContext) -> ClaimResult:
                 "0.3, BN then Dropout, Dropout then BN; gap = final train accuracy − test accuracy, both in eval "
                 "mode on the full sets")
     return ClaimResult("regularization", ctx.protocol_name, protocol, ctx.seeds,
-                       "train–test accuracy gap (and test accuracy)", numbers, verdict, reason, [plot], runs, 0.0)
+                       "train–test accuracy gap (and test accuracy)", numbers, None, None, [plot], runs, 0.0)
 
 
 # -- 11. Frozen BN in transfer learning --------------------------------------------------------------------
@@ -607,6 +584,11 @@ def _finetune(ctx, spec, cfg, pretrained_group: str, treatment: str) -> dict:
     return ctx.train("frozen-transfer", Arm(f"fine-tune/{treatment}", spec, cfg), start_from=start)
 
 
+FROZEN_TRANSFER = Rule((Criterion("test accuracy on the new task, fine-tuned with frozen BN − with updating BN", 0.005,
+                             unit="points", scale=100),),
+            evidence=lambda n: [n["frozen_minus_updating"]])
+
+
 def _frozen_transfer(ctx: ClaimContext) -> ClaimResult:
     spec, cfg = _preset("torch-mlp", QUICK_EPOCHS if ctx.quick else None)
     spec = spec.with_(norm="batch")
@@ -617,10 +599,6 @@ def _frozen_transfer(ctx: ClaimContext) -> ClaimResult:
     tuned = {t: _finetune(ctx, spec, tune_cfg, pretrained["group_id"], t) for t in treatments}
     accs = {t: _values(summary, "final_test_acc") for t, summary in tuned.items()}
     gain = welch_diff(accs["frozen"], accs["updating"])
-    where = compare_interval(gain, margin=0.005)
-    verdict, reason = _verdict(where, "fine-tuning with frozen BN beats letting BN update by more than 0.5 points (CI)",
-                               f"frozen BN is not better by 0.5 points than updating BN ({where})",
-                               "the CI of frozen BN's advantage straddles the 0.5-point margin")
     numbers = {"fashion_test_acc": {t: mean_ci(v).to_dict() for t, v in accs.items()},
                "frozen_minus_updating": gain.to_dict(),
                "reestimated_minus_updating": welch_diff(accs["re-estimated, then frozen"], accs["updating"]).to_dict()}
@@ -634,13 +612,18 @@ def _frozen_transfer(ctx: ClaimContext) -> ClaimResult:
                 f"{REESTIMATE_BATCHES} Fashion batches then frozen; the fine-tuning runs start from claim 1's "
                 "checkpoint and are kept in the run store")
     return ClaimResult("frozen-transfer", ctx.protocol_name, protocol, ctx.seeds, "Fashion-MNIST test accuracy",
-                       numbers, verdict, reason, [plot],
+                       numbers, None, None, [plot],
                        {"pretrained torch-mlp/BN": [r["run_id"] for r in pretrained["per_seed"]],
                         **{f"fine-tune/{t}": [r["run_id"] for r in summary["per_seed"]] for t, summary in tuned.items()}},
                        0.0)
 
 
 # -- 12. Gradient accumulation as a small-batch remedy --------------------------------------------------------
+
+
+ACCUMULATION = Rule((Criterion("final test accuracy with a real batch of 32 − with 8 accumulated micro-batches of 4",
+                          0.005, "within", unit="points", scale=100),),
+            evidence=lambda n: [n["real_batch_minus_accumulated"]])
 
 
 def _accumulation(ctx: ClaimContext) -> ClaimResult:
@@ -659,15 +642,8 @@ def _accumulation(ctx: ClaimContext) -> ClaimResult:
         accs[label] = _values(summary, "final_test_acc")
     labels = list(arms)
     shortfall = welch_diff(accs[labels[0]], accs[labels[1]])
-    where = compare_interval(shortfall, margin=0.005)
     numbers = {"final_test_acc": {label: mean_ci(v).to_dict() for label, v in accs.items()},
                "real_batch_minus_accumulated": shortfall.to_dict()}
-    if where == "equivalent":
-        verdict, reason = "supported", "accumulating 8 micro-batches of 4 matches a real batch of 32 within 0.5 points (CI)"
-    elif where == "positive":
-        verdict, reason = "not supported", "the real batch of 32 beats 8 accumulated micro-batches of 4 by more than 0.5 points (CI)"
-    else:
-        verdict, reason = "inconclusive", f"the CI of the difference is not inside ±0.5 points ({where})"
     plot = bars_with_ci(_plot(ctx, "accumulation"), ["final test accuracy"],
                         {label: [mean_ci(v).to_dict()] for label, v in accs.items()},
                         title="Gradient accumulation vs a real batch (BN sees only the micro-batch)",
@@ -677,10 +653,14 @@ def _accumulation(ctx: ClaimContext) -> ClaimResult:
                 "its running statistics, per micro-batch); GroupNorm with the same accumulation as a control that "
                 "does not depend on the batch")
     return ClaimResult("accumulation", ctx.protocol_name, protocol, ctx.seeds, "final test accuracy", numbers,
-                       verdict, reason, [plot], runs, 0.0)
+                       None, None, [plot], runs, 0.0)
 
 
 # -- 13. Large batches and Ghost BN -------------------------------------------------------------------------
+
+
+GHOST_RULE = Rule((Criterion("final test accuracy at the large batch, Ghost BN − plain BN", 0.005, unit="points", scale=100),),
+            evidence=lambda n: [n["ghost_minus_large_bn"]])
 
 
 def _ghost(ctx: ClaimContext) -> ClaimResult:
@@ -705,20 +685,21 @@ def _ghost(ctx: ClaimContext) -> ClaimResult:
     gap = welch_diff(accs[labels[0]], accs[labels[1]])
     numbers = {"final_test_acc": {label: mean_ci(v).to_dict() for label, v in accs.items()},
                "ghost_minus_large_bn": gain.to_dict(), "small_minus_large_bn": gap.to_dict()}
-    where = compare_interval(gain, margin=0.005)
-    verdict, reason = _verdict(where, "Ghost BN beats plain BN at the large batch by more than 0.5 points (CI)",
-                               f"Ghost BN's gain over plain large-batch BN is below 0.5 points ({where})",
-                               "the CI of Ghost BN's gain straddles the 0.5-point margin")
     plot = bars_with_ci(_plot(ctx, "ghost"), ["final test accuracy"], {l: [mean_ci(v).to_dict()] for l, v in accs.items()},
                         title="Large batches: plain BN vs Ghost BN", ylabel="test accuracy (%)", scale=100.0)
     protocol = (f"784-100-100-100-10 ReLU with BN, SGD momentum 0.9, {p['epochs']} epochs for every arm (so the large "
                 f"batch takes {p['large'] // p['small']}× fewer steps), lr 0.1 at batch {p['small']} and "
                 f"{large_lr:.3g} (√ scaling) at batch {p['large']}; Ghost BN with virtual batches of {p['virtual']}")
-    return ClaimResult("ghost", ctx.protocol_name, protocol, ctx.seeds, "final test accuracy", numbers, verdict,
-                       reason, [plot], runs, 0.0)
+    return ClaimResult("ghost", ctx.protocol_name, protocol, ctx.seeds, "final test accuracy", numbers, None,
+                       None, [plot], runs, 0.0)
 
 
 # -- 14. BN on the output layer ------------------------------------------------------------------------------
+
+
+OUTPUT_LAYER = Rule((Criterion("final test accuracy with BN on the hidden layers only − also on the logits", 0.002,
+                          unit="points", scale=100),),
+            evidence=lambda n: [n["hidden_only_minus_with_output"]])
 
 
 def _output_layer(ctx: ClaimContext) -> ClaimResult:
@@ -732,51 +713,42 @@ def _output_layer(ctx: ClaimContext) -> ClaimResult:
         runs[arm.label] = [r["run_id"] for r in summaries[label]["per_seed"]]
     accs = {label: _values(s, "final_test_acc") for label, s in summaries.items()}
     diff = welch_diff(accs["BN on hidden layers"], accs["BN also on the logits"])
-    where = compare_interval(diff, margin=0.002)
     numbers = {"final_test_acc": {label: mean_ci(v).to_dict() for label, v in accs.items()},
                "hidden_only_minus_with_output": diff.to_dict()}
-    verdict, reason = _verdict(where, "BN on the logits costs more than 0.2 points of test accuracy (CI)",
-                               "BN on the logits does not cost 0.2 points (CI)", "the CI straddles the 0.2-point margin")
     plot = bars_with_ci(_plot(ctx, "output-layer"), ["torch-mlp"],
                         {label: [mean_ci(v).to_dict()] for label, v in accs.items()},
                         title="Final test accuracy with and without BN on the logits", ylabel="test accuracy (%)",
                         scale=100.0)
     protocol = f"torch-mlp recipe ({f'{QUICK_EPOCHS} epoch' if ctx.quick else '5 epochs'}), BN on the hidden layers, with and without a BatchNorm1d(10) on the logits"
-    return ClaimResult("output-layer", ctx.protocol_name, protocol, ctx.seeds, "final test accuracy", numbers, verdict,
-                       reason, [plot], runs, 0.0)
+    return ClaimResult("output-layer", ctx.protocol_name, protocol, ctx.seeds, "final test accuracy", numbers, None,
+                       None, [plot], runs, 0.0)
 
 
 CLAIMS: dict[str, Claim] = {c.name: c for c in [
     Claim("trains-faster", 1, "BN makes training faster",
           "seed 002: BN 'helps the network converge faster, reducing the number of training iterations required'; "
           "seed 003: the BN model 'shows faster convergence'",
-          "supported if, for every recipe, the 95% Welch CI of (steps to 95% test accuracy without BN − with BN) "
-          "lies above 0; not supported if it lies below 0 for any recipe; inconclusive otherwise",
+          TRAINS_FASTER,
           "Ioffe & Szegedy 2015 Fig. 1(a): the BN network trains faster (no MNIST numbers published); Udacity lesson: "
           "ReLU lr 0.01, BN >90% 'almost immediately' vs ~3000 iterations without",
           _trains_faster),
     Claim("higher-lr", 2, "BN tolerates higher learning rates",
           "seed 000: 'You can often use higher learning rates'; seed 001: BN 'allows gradient descent to use much "
           "larger learning rates'; seed 004: 'Higher learning rates'",
-          "supported if at the largest learning rate the ReLU net with BN beats the one without by more than 5 "
-          "points (95% Welch CI above 0.05); not supported if the CI lies below 0.05; inconclusive otherwise",
+          HIGHER_LR,
           "Udacity lesson (50k steps): ReLU lr 1: 19.6% without BN vs 98.3% with; lr 2: 10.1% vs 98.2%; "
           "sigmoid lr 1: 97.8% vs 98.0% (sigmoid does not collapse)",
           _higher_lr),
     Claim("init-sensitivity", 3, "BN makes training less sensitive to initialization",
           "seed 000: with BN, 'Random weight initialization becomes less critical'; without it, 'Small changes in how "
           "you initialize weights can make the difference between a model that learns and one that doesn't'",
-          "supported if BN's accuracy at its worst initialization beats no-BN's at its worst by more than 5 points "
-          "(95% Welch CI above 0.05); not supported if the CI lies below 0.05; inconclusive otherwise",
+          INIT_SENSITIVITY,
           "Udacity lesson, init N(0, 5²): ReLU without BN stays at 9.8% for every lr; with BN 81–91%",
           _init_sensitivity),
     Claim("ioffe-figure-1", 4, "Ioffe & Szegedy Fig. 1: BN trains faster and steadies the sigmoid inputs",
           "seed 000: BN fixes 'internal covariate shift - the distribution of inputs to each layer keeps shifting'; "
           "seed 003: 'Normalizing neuron outputs within each batch reduces internal covariate shift'",
-          "supported if the BN network reaches 95% test accuracy (90% in the quick protocol) in fewer steps AND the "
-          "median of the tracked sigmoid "
-          "input drifts less with BN (both 95% Welch CIs, no BN − BN, above 0); not supported if either CI lies "
-          "below 0; inconclusive otherwise",
+          IOFFE_FIGURE_1,
           "Ioffe & Szegedy 2015 Fig. 1: BN trains faster, reaches higher accuracy, and the {15, 50, 85}th "
           "percentiles stay stable while the baseline's move in mean and spread (no numbers published; "
           "reproductions report final accuracy 98.0% vs 97.7%)",
@@ -785,9 +757,7 @@ CLAIMS: dict[str, Claim] = {c.name: c for c in [
           "seed 000: 'Batch Normalization solves this [internal covariate shift] by ensuring that the inputs to each "
           "layer have a consistent, standardized distribution'; seed 002: 'By reducing the internal covariate shift, "
           "Batch Normalization helps the network converge faster'",
-          "supported if BN lowers both the drift of the sigmoid-input median (95% Welch CI above 0) and Santurkar et "
-          "al.'s gradient ICS (relative ℓ2, CI above a 0.01 margin); not supported if the gradient ICS is not lower "
-          "(CI below or inside the margin); inconclusive otherwise",
+          ICS,
           "Santurkar et al. 2018 Fig. 3 (VGG layers 5/10, deep linear net layers 9/17): 'networks with BatchNorm "
           "often exhibit an increase in ICS'; in the deep linear net the standard network shows almost no ICS while "
           "with BN G and G' are almost uncorrelated",
@@ -795,71 +765,57 @@ CLAIMS: dict[str, Claim] = {c.name: c for c in [
     Claim("landscape", 6, "BN smooths the optimization landscape",
           "seed 001: 'Modern research suggests Batch Norm's primary benefit is making the optimization landscape "
           "significantly smoother'; seed 003: BN 'results in a smoother contour plot'",
-          "supported if, with BN, both the effective β-smoothness and the loss range along the gradient are lower "
-          "(95% Welch CIs of no BN − BN above 0); not supported if either is higher with BN (CI below 0); "
-          "inconclusive otherwise",
+          LANDSCAPE,
           "Santurkar et al. 2018 Fig. 4 (VGG on CIFAR-10): with BN the loss range, gradient predictiveness range and "
           "β_eff are all smaller, the gradient gap 'close to two orders of magnitude ... especially early in training'",
           _landscape),
     Claim("placement", 7, "BN belongs before the activation",
           "seed 000, 'Pitfall 2: Wrong Placement': 'BatchNorm after activation might reduce effectiveness'; seed 004: "
           "BN 'is usually applied after the linear transformation and before the activation function'",
-          "supported if BN before the activation beats BN after it by more than 0.5 points for both ReLU and "
-          "sigmoid (95% Welch CI); not supported if for either activation the CI lies below 0.5 points; "
-          "inconclusive otherwise",
+          PLACEMENT,
           "no controlled ablation in the BN paper; Mishkin's CaffeNet: after ReLU better by ~2.5 points, GoogLeNet: "
           "before better by ~1 point (single runs)",
           _placement),
     Claim("small-batches", 8, "BN degrades at small batches; GroupNorm/LayerNorm do not",
           "seed 000: 'Very small batch sizes (< 8): BatchNorm becomes less effective'; 'Very small batches: Consider "
           "LayerNormalization'; seed 004: 'BatchNorm also works best when batch sizes are reasonably large'",
-          "supported if BN's accuracy at batch 2 is more than 1 point below its accuracy at batch 32 AND the better of "
-          "GroupNorm/LayerNorm beats BN at batch 2 by more than 1 point (95% Welch CIs); not supported if either "
-          "CI lies below or inside the 1-point margin; inconclusive otherwise",
+          SMALL_BATCHES_RULE,
           "Wu & He 2018 Table 2 (ResNet-50, ImageNet val error by images per GPU 32→2): BN 23.6 → 34.7%, GN 24.1 → "
           "24.1%; Batch Renorm at 4 per GPU: 26.3% (BN 27.3, GN 24.2)",
           _small_batches),
     Claim("train-vs-eval", 9, "Forgetting model.eval() costs accuracy",
           "seed 000, 'Pitfall 1: Forgetting Training vs. Inference Mode'; seed 004: 'During inference, it uses moving "
           "averages learned during training'",
-          "supported if evaluating in train mode with batches of 2 loses more than 1 point of test accuracy "
-          "(95% Welch CI); not supported if the CI lies below 1 point; inconclusive otherwise",
+          TRAIN_VS_EVAL,
           "no published number; pytorch/pytorch#5406 and #4741 report the symptom",
           _train_vs_eval),
     Claim("regularization", 10, "BN regularizes (and can replace Dropout)",
           "seed 000: 'The noise from batch statistics provides a mild regularization effect'; 'When using Dropout: "
           "Place BatchNorm before Dropout'; seed 001: BN 'often reduces or entirely eliminates the need for Dropout'",
-          "supported if BN shrinks the train–test accuracy gap by more than 0.1 points compared with no BN (95% "
-          "Welch CI); not supported if the CI lies below or inside that margin; inconclusive otherwise",
+          REGULARIZATION,
           "no MNIST number found; Ioffe & Szegedy removed Dropout from BN-Inception without losing accuracy",
           _regularization),
     Claim("frozen-transfer", 11, "Keep BN frozen when transferring to a new task",
           "seed 000: 'Transfer learning: Keep BatchNorm layers frozen initially'",
-          "supported if fine-tuning with frozen BN beats fine-tuning with updating BN by more than 0.5 points of "
-          "test accuracy on the new task (95% Welch CI); not supported if the CI lies below or inside that margin; "
-          "inconclusive otherwise",
+          FROZEN_TRANSFER,
           "no MNIST→Fashion number published; detectron2 and torchvision freeze BN when fine-tuning detectors "
           "(batches of 1–2 images per GPU), Keras' fine-tuning guide keeps BN in inference mode",
           _frozen_transfer),
     Claim("accumulation", 12, "Gradient accumulation fixes small-batch BN",
           "seed 000, 'Pitfall 3: Small Batch Sizes': 'If you must use small batches, consider: ... Accumulating "
           "gradients over multiple mini-batches'",
-          "supported if 8 accumulated micro-batches of 4 reach the test accuracy of a real batch of 32 within ±0.5 "
-          "points (95% Welch CI of the difference inside the band); not supported if the real batch is better by more "
-          "than 0.5 points (CI above); inconclusive otherwise",
+          ACCUMULATION,
           "no published number; pytorch/pytorch#46516: accumulation does not change what batch norm sees",
           _accumulation),
     Claim("ghost", 13, "Ghost BN helps large-batch training",
           "seed 001: BN 'allows for scaling up training across many GPUs ... even with very large batch sizes'",
-          "supported if Ghost BN beats plain BN at the large batch by more than 0.5 points of test accuracy (95% "
-          "Welch CI); not supported if the CI lies below or inside that margin; inconclusive otherwise",
+          GHOST_RULE,
           "Hoffer et al. 2017 (MNIST F1 network): small batch 98.27%, large batch 97.05%, +LR scaling 97.55%, "
           "+Ghost BN 97.60%, +longer training 98.53%",
           _ghost),
     Claim("output-layer", 14, "BN on the output layer hurts",
           "seed 000: 'Don't use on output layers (usually)'",
-          "supported if adding BN to the logits lowers final test accuracy by more than 0.2 points (95% Welch CI); "
-          "not supported if the CI lies below 0.2 points; inconclusive otherwise",
+          OUTPUT_LAYER,
           "no published number found",
           _output_layer),
 ]}
