@@ -240,3 +240,9 @@ def test_stored_results_are_judged_again_by_the_rule_as_written(tmp_path):
     agreeing.save(tmp_path)
     again = load_results(tmp_path)["output-layer"]
     assert again.verdict == "supported" and again.earlier_verdict is None
+
+
+def test_a_stored_result_without_the_rules_intervals_keeps_its_verdict(tmp_path):
+    ClaimResult("ghost", "quick", "p", 3, "s", {"other": 1}, "supported", "r", [], {}, 1.0).save(tmp_path)
+    kept = load_results(tmp_path)["ghost"]
+    assert (kept.verdict, kept.reason, kept.earlier_verdict) == ("supported", "r", None)

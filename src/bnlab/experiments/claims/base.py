@@ -147,7 +147,10 @@ class Claim:
         """``result`` judged again from its numbers by the rule as written now (results stored by an
         earlier bnlab may have been judged by code that disagreed with the printed rule); if the
         verdict changes, ``earlier_verdict`` keeps the stored one."""
-        verdict, reason = self.verdict_rule.judge(result.numbers)
+        try:
+            verdict, reason = self.verdict_rule.judge(result.numbers)
+        except (KeyError, TypeError, ValueError):
+            return result  # numbers without this rule's intervals (another layout): as stored
         if verdict == result.verdict:
             return dataclasses.replace(result, reason=reason)
         return dataclasses.replace(result, verdict=verdict, reason=reason, earlier_verdict=result.verdict)
@@ -265,7 +268,9 @@ class Rule:
             for test, iv in zip(self.tests, ivs):
                 outcomes.append(test.outcome(iv))
                 parts.append((f"{condition}: " if condition else "") + test.describe(iv))
-        if outcomes and all(o == "supported" for o in outcomes):
+        if not outcomes:
+            raise ValueError("no intervals to judge")
+        if all(o == "supported" for o in outcomes):
             verdict = "supported"
         elif "not supported" in outcomes:
             verdict = "not supported"
