@@ -60,7 +60,7 @@ def test_page_and_assets_come_from_the_package_with_a_strict_policy(client):
         assert client.get(path).status_code == 404, path
 
 
-def test_results_routes_read_the_store_and_serve_listed_plots_only(client):
+def test_results_routes_read_the_store_and_serve_listed_plots_only(client, store_path):
     runs = client.get("/api/runs").json()["runs"]
     assert [(r["label"], r["norm"], r["dataset"]) for r in runs] == [("bn", "batch", "mnist")]
     series = client.get(f"/api/runs/{runs[0]['id']}").json()["series"]
@@ -92,8 +92,11 @@ def test_a_session_trains_and_answers_bad_messages_with_errors(client):
         ws.send_text(json.dumps({"type": "settings", "values": {"depth": 1, "width": 16}}))
         assert receive_until(ws, "settings")["rebuilt"] is True
         ws.send_text(json.dumps({"type": "command", "action": "start"}))
+        while receive_until(ws, "status")["state"] != "running":  # (the settings change sent one too)
+            pass
         tick = receive_until(ws, "tick")
-        assert tick["state"] == "running"
+        while not tick["steps"]:  # the rebuild's first measurement may come alone
+            tick = receive_until(ws, "tick")
         for bad in ("{bad", json.dumps({"type": "settings", "values": {"lr": -1}}), "x" * 5000, b"\xff\xfe"):
             ws.send_text(bad) if isinstance(bad, str) else ws.send_bytes(bad)
             assert receive_until(ws, "error")["where"] == "message"
