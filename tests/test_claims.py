@@ -134,11 +134,15 @@ def test_each_claim_runs_end_to_end_on_synthetic_data(name, tmp_path, tiny_proto
     ctx = ClaimContext(store=store, quick=True, seeds=2, out_dir=tmp_path / "plots", progress=False,
                        datasets={"mnist": data, "fashion": fake_dataset(n_train=128, n_test=100, name="fashion")})
     result = CLAIMS[name].execute(ctx)
-    assert result.verdict in ("supported", "not supported", "inconclusive")
-    assert result.protocol == "quick" and result.seeds == 2 and result.reason
+    # the verdict is the claim's rule applied to the numbers it reports, and the reason names its intervals
+    assert (result.verdict, result.reason) == CLAIMS[name].verdict_rule.judge(result.numbers)
+    assert result.protocol == "quick" and result.seeds == 2
     assert all((tmp_path / "plots" / p.split("/")[-1]).exists() for p in result.plots)
-    saved = ClaimResult.load(tmp_path / "claims" / f"{name}.quick.json")
-    assert saved.numbers == result.numbers or saved.verdict == result.verdict
+    path = tmp_path / "claims" / f"{name}.quick.json"
+    saved = ClaimResult.load(path)
+    json.loads(path.read_text(), parse_constant=lambda token: pytest.fail(f"bare {token} in {path.name}"))
+    assert (saved.verdict, saved.reason, saved.runs, saved.plots) == (result.verdict, result.reason, result.runs,
+                                                                       result.plots)
     # a rerun reuses every finished arm, claim 11's fine-tuning runs included: no new runs appear
     before = len(store.runs())
     again = CLAIMS[name].execute(ctx)
@@ -246,3 +250,13 @@ def test_a_stored_result_without_the_rules_intervals_keeps_its_verdict(tmp_path)
     ClaimResult("ghost", "quick", "p", 3, "s", {"other": 1}, "supported", "r", [], {}, 1.0).save(tmp_path)
     kept = load_results(tmp_path)["ghost"]
     assert (kept.verdict, kept.reason, kept.earlier_verdict) == ("supported", "r", None)
+
+
+def test_claim_results_are_strict_json(tmp_path):
+    """One seed, or a threshold never reached, puts NaN into the numbers: the file must still be JSON."""
+    result = ClaimResult("ghost", "quick", "p", 1, "s", {"gain": Interval(float("nan"), float("nan"), float("nan"),
+                                                                          0).to_dict()}, "inconclusive", "r", [], {}, 1.0)
+    path = result.save(tmp_path)
+    loaded = json.loads(path.read_text(), parse_constant=lambda token: pytest.fail(f"bare {token}"))
+    assert loaded["numbers"]["gain"]["mean"] is None
+    assert Interval.from_dict(ClaimResult.load(path).numbers["gain"]).n == 0

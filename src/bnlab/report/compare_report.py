@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bnlab._json import dumps
 from bnlab.report.plots import figure
 from bnlab.stats import mean_ci
 
@@ -190,20 +191,8 @@ def write_report(summary: dict, out_dir: Path) -> dict[str, Path]:
     plot_curves(summary, paths["curves"])
     paths["html"].write_text(_html(summary))
     summary.setdefault("phases_seconds", {})["report"] = time.perf_counter() - started
-    paths["summary"].write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
+    paths["summary"].write_text(dumps(summary, indent=2))
     return paths
-
-
-def strict_json(value):
-    """``value`` with NaN and infinities as ``null``: ``json.dumps`` writes them as bare ``NaN``
-    tokens, which strict parsers (and every language but Python's) reject."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    return value
 
 
 def _html(summary: dict) -> str:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bnlab._json import dumps
 from bnlab.data import Dataset, load_dataset
 from bnlab.experiments.common import summarise_group
 from bnlab.models import ModelSpec
@@ -102,18 +103,12 @@ class ClaimResult:
     def save(self, directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{self.claim}.{self.protocol}.json"
-        path.write_text(json.dumps(asdict(self), indent=2, default=_nan_to_none))
+        path.write_text(dumps(asdict(self), indent=2))
         return path
 
     @classmethod
     def load(cls, path: Path) -> ClaimResult:
         return cls(**json.loads(path.read_text()))
-
-
-def _nan_to_none(value):
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
 @dataclass(frozen=True)
