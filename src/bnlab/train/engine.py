@@ -323,6 +323,7 @@ class StackedTrainer:
         approximate points of an :class:`EvalPlan`; exact numbers use the model itself.
         ``chunk`` rows at a time: 1000 was the fastest here for bf16 and within 4% of the best for
         float32 (K=8 torch-mlp), as the activations of a chunk stay in cache."""
+        was_training = self.model.training
         self.model.eval()
         model = self.model.inference_copy(torch.bfloat16 if bf16 else torch.float32) if folded else self.model
         loss_sum = torch.zeros(self.k, dtype=torch.float64)
@@ -334,7 +335,7 @@ class StackedTrainer:
                     logits = model(xb).float()
                 loss_sum += per_model_cross_entropy(logits, yb).double() * len(xb)
                 correct += (logits.argmax(dim=2) == yb.unsqueeze(1)).sum(dim=0).double()
-        self.model.train()
+        self.model.train(was_training)
         return loss_sum / len(x), correct / len(x)
 
     def _eval_set(self, name: str) -> tuple[Tensor, Tensor]:
