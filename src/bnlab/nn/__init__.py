@@ -38,10 +38,20 @@ __all__ = [
 
 
 def _register_with_torch_tools() -> None:
-    from bnlab.nn._interop import register_fusers
+    from torch import nn
 
-    register_fusers([BatchNorm1d, BatchRenorm1d, GhostBatchNorm1d], [BatchNorm2d, BatchRenorm2d, GhostBatchNorm2d],
-                    [BatchNorm3d, BatchRenorm3d])
+    from bnlab.nn._interop import register_with_quantization
+
+    register_with_quantization({
+        nn.BatchNorm1d: [BatchNorm1d, BatchRenorm1d, GhostBatchNorm1d],
+        nn.BatchNorm2d: [BatchNorm2d, BatchRenorm2d, GhostBatchNorm2d],
+        nn.BatchNorm3d: [BatchNorm3d, BatchRenorm3d],
+        nn.LayerNorm: [LayerNorm],
+        nn.GroupNorm: [GroupNorm],
+        nn.InstanceNorm1d: [InstanceNorm1d],
+        nn.InstanceNorm2d: [InstanceNorm2d],
+        nn.InstanceNorm3d: [InstanceNorm3d],
+    })
 
 
 _register_with_torch_tools()

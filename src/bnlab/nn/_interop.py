@@ -6,19 +6,21 @@ Two of torch's tools decide by *name* rather than by ``isinstance``:
   tracers) keeps a module as one ``call_module`` node only if ``m.__module__`` starts with
   ``"torch.nn"``; every other module is traced through. :class:`TorchLeaf` answers that check
   per instance (see there for why).
-* ``torch.ao.quantization.fuse_modules`` looks fuser methods up by exact type.
-  :func:`register_fusers` adds bnlab's batch norms to torch's table, next to torch's own.
+* ``torch.ao.quantization`` (eager ``fuse_modules``, FX ``prepare_fx``) looks fusion patterns
+  up by exact type. :func:`register_with_quantization` adds bnlab's batch norms to torch's
+  tables, next to torch's own.
 
 And one thing torch hides: :func:`load_is_strict`, the caller's ``strict`` during ``load_state_dict``.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 
 from torch import nn
 
-__all__ = ["TorchLeaf", "register_fusers", "load_is_strict"]
+__all__ = ["TorchLeaf", "register_with_quantization", "load_is_strict"]
 
 
 class TorchLeaf:
@@ -45,69 +47,137 @@ class TorchLeaf:
         self.__dict__.setdefault("__module__", f"torch.nn (bnlab: {type(self).__module__})")
 
 
-def _torch_stand_in(bn: nn.Module) -> nn.Module:
-    """A ``torch.nn.BatchNormNd`` configured like ``bn`` (on the meta device: it holds no data), for
-    torch's fusers, whose containers assert exact types and are given ``bn`` back right after."""
+def _torch_twin(bn: nn.Module) -> nn.Module:
+    """A ``torch.nn.BatchNormNd`` that shares ``bn``'s parameters and buffers (no copies): what torch's
+    fusers get in its place, since their containers assert exact types."""
     cls = next(c for c in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) if isinstance(bn, c))
-    stand_in = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta",
-                   bias=bn.bias is not None)
-    return stand_in.train(bn.training)
+    momentum = bn.momentum if bn.momentum is None or not hasattr(bn, "_new_batch_weight") else (
+        bn._new_batch_weight(bn.momentum))
+    twin = cls(bn.num_features, bn.eps, momentum, bn.affine, bn.track_running_stats, device="meta",
+               bias=bn.bias is not None)
+    twin._parameters.update(bn._parameters)
+    twin._buffers.update(bn._buffers)
+    return twin.train(bn.training)
 
 
-def _bnlab_fuser(torch_fuser, bn_index: int, folds_in_eval: bool, qat_rebuilds_bn: bool):
-    """torch's fuser method, made to take a bnlab batch norm.
+def _put_back(fused: nn.Module, twin: nn.Module, bn: nn.Module) -> nn.Module:
+    """``fused`` with ``bn`` wherever torch's fuser kept ``twin``."""
+    if fused is twin:
+        return bn
+    for parent in fused.modules():
+        for name, child in parent.named_children():
+            if child is twin:
+                setattr(parent, name, bn)
+    return fused
 
-    Where torch folds the batch norm away (conv/linear + bn in eval mode) only the running
-    statistics count, which torch's fuser reads from any batch norm. Where torch keeps it in a
-    fused container (bn + relu; every QAT fusion), the container is built around a torch stand-in
-    and then given the bnlab layer back: same parameters, same behaviour. ``prepare_qat`` later
-    rebuilds the batch norm of a QAT conv/linear container as torch's own, so there the layer must
-    train like torch's.
+
+def _bnlab_fuser(torch_fuser):
+    """torch's fuser method, made to take bnlab batch norms where it takes torch's.
+
+    The bnlab layer is handed to torch's fuser as a torch twin sharing its tensors, so torch
+    folds it (conv/linear + bn in eval mode: only the running statistics count, read from the
+    same tensors) or keeps it in a fused container (bn + relu, every QAT fusion), which then gets
+    the bnlab layer itself back: same parameters, same behaviour. ``prepare_qat`` rebuilds the
+    batch norm of QAT conv/linear containers as torch's own, so there the layer must train like
+    torch's (:meth:`~bnlab.nn.BatchNorm2d.trains_like_torch`).
     """
+    from torch.ao.nn import intrinsic as nni
 
     def fuse(is_qat, *modules):
-        if folds_in_eval and not is_qat:
-            return torch_fuser(is_qat, *modules)
-        bn = modules[bn_index]
-        if is_qat and qat_rebuilds_bn and not bn.trains_like_torch():
-            raise ValueError(
-                f"cannot fuse {bn} for quantization-aware training: prepare_qat replaces the batch norm "
-                "by torch's, which has neither this layer's convention, non-finite guard nor variant "
-                "(renorm, ghost). Fuse a plain convention='torch' BatchNorm, or fuse in eval() mode."
-            )
-        stand_in = list(modules)
-        stand_in[bn_index] = _torch_stand_in(bn)
-        fused = torch_fuser(is_qat, *stand_in)
-        fused[bn_index] = bn
+        twins = {i: _torch_twin(m) for i, m in enumerate(modules) if getattr(m, "trains_like_torch", None)}
+        fused = torch_fuser(is_qat, *[twins.get(i, m) for i, m in enumerate(modules)])
+        for i, twin in twins.items():
+            bn = modules[i]
+            if is_qat and not bn.trains_like_torch() and not isinstance(fused, (nni.BNReLU2d, nni.BNReLU3d)):
+                raise ValueError(
+                    f"cannot fuse {bn} for quantization-aware training: prepare_qat replaces the batch norm "
+                    "by torch's, which has neither this layer's convention, non-finite guard nor variant "
+                    "(renorm, ghost). Fuse a plain convention='torch' BatchNorm, or fuse in eval() mode.")
+            fused = _put_back(fused, twin, bn)
         return fused
 
+    fuse.torch_fuser = torch_fuser
     return fuse
 
 
-def register_fusers(bn1d: list[type], bn2d: list[type], bn3d: list[type]) -> None:
-    """Add bnlab's batch norms to ``torch.ao.quantization``'s table of fuser methods.
+def _with_bnlab_types(pattern, twins: dict[type, list[type]]) -> list:
+    """Every variant of a (possibly nested) pattern with torch batch norm types replaced by bnlab's."""
+    if isinstance(pattern, tuple):
+        variants = [()]
+        for part in pattern:
+            variants = [v + (p,) for v in variants for p in _with_bnlab_types(part, twins)]
+        return variants
+    if isinstance(pattern, type) and pattern in twins:
+        return [pattern, *twins[pattern]]
+    return [pattern]
 
-    Each bnlab class gets the patterns torch registers for its ``torch.nn`` base class:
-    conv1d/2d/3d + bn (+ relu), linear + bn1d, bn2d/3d + relu, for ``fuse_modules`` and
-    ``fuse_modules_qat`` (see :func:`_bnlab_fuser` for how).
+
+def register_with_quantization(twins: dict[type, list[type]]) -> None:
+    """Teach ``torch.ao.quantization`` bnlab's norm layers wherever it knows torch's.
+
+    ``twins`` maps each ``torch.nn`` norm class to its bnlab subclasses. torch's quantization
+    looks modules up by exact type in several tables, none with a public hook; each gets the
+    bnlab classes next to torch's, handled the same way:
+
+    * eager fusion (``fuse_modules``, ``fuse_modules_qat``): torch's fuser table, with
+      :func:`_bnlab_fuser`;
+    * FX graph mode (``prepare_fx``, ``prepare_qat_fx``, ``fuse_fx``): every ``BackendConfig``
+      (torch's native, fbgemm, x86 and qnnpack ones, and a user's) gets, next to each pattern
+      config that names a torch norm class, the same config for each bnlab twin;
+    * lowering to quantized modules: FX's ``convert_fx`` (the special-pattern table and its
+      node test) and eager ``convert`` (the default static module mappings).
+
+    Registering twice is harmless. The tests compare each path with torch's own result.
     """
-    from torch.ao.nn import intrinsic as nni
     from torch.ao.quantization import fuser_method_mappings as mappings
+    from torch.ao.quantization import quantization_mappings
+    from torch.ao.quantization.backend_config import BackendConfig
+    from torch.ao.quantization.fx import _lower_to_native_backend as lowering
 
-    table = mappings._DEFAULT_OP_LIST_TO_FUSER_METHOD  # torch's own registry; there is no public hook
-    conv_bn = _bnlab_fuser(mappings.fuse_conv_bn, 1, True, True)
-    conv_bn_relu = _bnlab_fuser(mappings.fuse_conv_bn_relu, 1, True, True)
-    for conv, bns in ((nn.Conv1d, bn1d), (nn.Conv2d, bn2d), (nn.Conv3d, bn3d)):
-        for bn in bns:
-            table[(conv, bn)] = conv_bn
-            table[(conv, bn, nn.ReLU)] = conv_bn_relu
-    linear_bn = _bnlab_fuser(mappings.fuse_linear_bn, 1, True, True)
-    for bn in bn1d:
-        table[(nn.Linear, bn)] = linear_bn
-    for bns, container in ((bn2d, nni.BNReLU2d), (bn3d, nni.BNReLU3d)):
-        bn_relu = _bnlab_fuser(mappings._sequential_wrapper2(container), 0, False, False)
-        for bn in bns:
-            table[(bn, nn.ReLU)] = bn_relu
+    table = mappings._DEFAULT_OP_LIST_TO_FUSER_METHOD
+    for key, fuser in list(table.items()):
+        for variant in _with_bnlab_types(key, twins)[1:]:
+            table.setdefault(variant, _bnlab_fuser(fuser))
+    for torch_cls, ours in twins.items():
+        for cls in ours:
+            for mapping in (lowering.SPECIAL_PATTERN_LOWER_MODULE_MAP,
+                            quantization_mappings.DEFAULT_STATIC_QUANT_MODULE_MAPPINGS):
+                if torch_cls in mapping:
+                    mapping.setdefault(cls, mapping[torch_cls])
+    if getattr(BackendConfig.set_backend_pattern_config, "bnlab_twins", None) is not None:
+        return
+
+    set_config = BackendConfig.set_backend_pattern_config
+
+    def set_backend_pattern_config(self, config):
+        set_config(self, config)
+        pattern = config.pattern if config.pattern is not None else config._pattern_complex_format
+        for variant in _with_bnlab_types(pattern, twins)[1:]:
+            twin = copy.copy(config)
+            if config.pattern is not None:
+                twin.pattern = variant
+            else:
+                twin._pattern_complex_format = variant
+            if config.fuser_method is not None:
+                twin.fuser_method = _bnlab_fuser(config.fuser_method)
+            set_config(self, twin)
+        return self
+
+    set_backend_pattern_config.bnlab_twins = twins
+    set_backend_pattern_config.__doc__ = set_config.__doc__
+    BackendConfig.set_backend_pattern_config = set_backend_pattern_config
+
+    is_special = lowering.is_special_pattern_node
+    bnlab_classes = tuple(cls for torch_cls, ours in twins.items() for cls in ours
+                          if torch_cls in lowering.SPECIAL_PATTERN_LOWER_MODULE_MAP)
+
+    def is_special_pattern_node(node, modules):
+        is_call_function, is_call_method, is_call_module = is_special(node, modules)
+        if node.op == "call_module" and type(modules[str(node.target)]) in bnlab_classes:
+            is_call_module = True
+        return is_call_function, is_call_method, is_call_module
+
+    lowering.is_special_pattern_node = is_special_pattern_node
 
 
 def load_is_strict() -> bool:
