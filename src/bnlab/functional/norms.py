@@ -133,6 +133,9 @@ def _eager_batch_norm(
     # torch's calls; errors are explained after the fact, which costs nothing when none occur.
     try:
         if kernel is None and native_is_first_choice():  # the hot path: F.batch_norm, nothing else
+            if not skip_nonfinite_update:
+                return native_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                         running_var_correction)
             return _guarded_native_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
                                               eps, running_var_correction, skip_nonfinite_update)
         if input.dim() >= 2 and training:

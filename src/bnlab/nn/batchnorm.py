@@ -3,8 +3,13 @@
 The modules subclass torch's own ``BatchNormNd`` so that everything written
 for torch's batch norm (state dicts, ``isinstance`` checks, fusion utilities,
 ``convert_sync_batchnorm``, ``torch.func.replace_all_batch_norm_modules_``)
-keeps working. Only ``__init__`` (the convention) and ``forward`` (dispatch to
-:func:`bnlab.functional.batch_norm`) are overridden.
+keeps working. ``__init__`` adds the convention; ``forward`` is torch's, step for
+step, with the convention's momentum, and dispatches to
+:func:`bnlab.functional.batch_norm`, which for torch's semantics is
+``torch.nn.functional.batch_norm`` itself. So TorchScript, FX, ``torch.export``,
+``torch.compile``, ONNX export, quantization and ``__torch_function__`` modes see
+what they see for ``torch.nn`` (tests/test_torch_*.py); :mod:`bnlab.nn._interop`
+covers the tools that decide by type or module name.
 """
 
 from __future__ import annotations
@@ -118,8 +123,9 @@ _DOC = r"""Batch normalization over a {input_desc}, as in Ioffe & Szegedy (2015)
         - Output: same shape (and memory format) as the input.
 
     Raises:
-        ValueError: in training mode when there is only one value per channel
-            (e.g. a final batch of size 1: use ``drop_last=True``).
+        ValueError: as torch: the wrong number of input dims; in training mode
+            only one value per channel (e.g. a final batch of size 1: use
+            ``drop_last=True``) or ``eps <= 0``; in eval mode ``eps < 0``.
 
     Note:
         ``momentum`` is stored in the layer's own convention. Tools that write
