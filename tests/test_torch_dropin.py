@@ -367,3 +367,40 @@ def test_a_tensor_subclass_overriding_batch_norm_is_honoured():
     x = torch.randn(4, 3).as_subclass(Marked)
     for module in (nn, bnn):
         assert torch.equal(module.BatchNorm1d(3)(x).as_subclass(torch.Tensor), torch.full((4, 3), 7.0))
+
+
+@pytest.mark.parametrize("kernel", [None, "native", "composite"])
+def test_functional_eps_checks_hold_for_every_kernel(kernel):
+    import bnlab.functional as BF
+
+    x, rm, rv = torch.randn(4, 3), torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match="eps must be positive during training"):
+        BF.batch_norm(x, rm, rv, training=True, eps=0.0, kernel=kernel)
+    with pytest.raises(ValueError, match="eps must be non-negative"):
+        BF.batch_norm(x, rm, rv, training=False, eps=-1.0, kernel=kernel)
+
+
+@pytest.mark.parametrize("name", sorted(bnn.CONVENTIONS))
+def test_the_scriptable_convention_rules_are_the_conventions_table(name):
+    layer, rules = bnn.BatchNorm1d(3, convention=name), bnn.CONVENTIONS[name]
+    assert layer._running_var_correction() == rules.running_var_correction
+    assert layer._new_batch_weight(0.3) == (0.3 if rules.momentum_weights_new_batch else 1.0 - 0.3)
+
+
+def test_fx_optimization_fuse_folds_bnlab_batch_norms_as_torchs():
+    from torch.fx.experimental.optimization import fuse
+
+    models = []
+    for module in (nn, bnn):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(2, 3, 3), module.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(3 * 16, 4), module.BatchNorm1d(4))
+        for _ in range(2):
+            model(torch.randn(8, 2, 6, 6))
+        models.append(model.eval())
+    models[1].load_state_dict(models[0].state_dict())
+    fused = [fuse(m) for m in models]
+    assert [type(m) for m in fused[0].children()] == [type(m) for m in fused[1].children()]
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused[1].modules())
+    x = torch.randn(4, 2, 6, 6)
+    assert torch.equal(fused[0](x), fused[1](x))

@@ -48,6 +48,14 @@ def _check_enough_values(x: Tensor) -> None:
         )
 
 
+def _check_eps(eps: float, training: bool) -> None:
+    """torch's check in ``F.batch_norm``, for the kernels that do not go through it."""
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Optional[Tensor],
@@ -140,6 +148,7 @@ def _eager_batch_norm(
                                               eps, running_var_correction, skip_nonfinite_update)
         if input.dim() >= 2 and training:
             _check_enough_values(input)
+        _check_eps(eps, training)
         chosen = select_kernel(input, running_var_correction, kernel)
         if not (skip_nonfinite_update and training and input.numel() > 0):
             return chosen.fn(input, running_mean, running_var, weight, bias, training, momentum, eps,

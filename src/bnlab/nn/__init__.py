@@ -40,9 +40,9 @@ __all__ = [
 def _register_with_torch_tools() -> None:
     from torch import nn
 
-    from bnlab.nn._interop import register_with_quantization
+    from bnlab.nn._interop import register_with_torch_tools
 
-    register_with_quantization({
+    register_with_torch_tools({
         nn.BatchNorm1d: [BatchNorm1d, BatchRenorm1d, GhostBatchNorm1d],
         nn.BatchNorm2d: [BatchNorm2d, BatchRenorm2d, GhostBatchNorm2d],
         nn.BatchNorm3d: [BatchNorm3d, BatchRenorm3d],

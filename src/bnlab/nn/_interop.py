@@ -6,9 +6,10 @@ Two of torch's tools decide by *name* rather than by ``isinstance``:
   tracers) keeps a module as one ``call_module`` node only if ``m.__module__`` starts with
   ``"torch.nn"``; every other module is traced through. :class:`TorchLeaf` answers that check
   per instance (see there for why).
-* ``torch.ao.quantization`` (eager ``fuse_modules``, FX ``prepare_fx``) looks fusion patterns
-  up by exact type. :func:`register_with_quantization` adds bnlab's batch norms to torch's
-  tables, next to torch's own.
+* ``torch.ao.quantization`` (eager ``fuse_modules``, FX ``prepare_fx``, lowering) and
+  ``torch.fx.experimental.optimization.fuse`` look modules up by exact type.
+  :func:`register_with_torch_tools` adds bnlab's norm layers to torch's tables, next to
+  torch's own.
 
 And one thing torch hides: :func:`load_is_strict`, the caller's ``strict`` during ``load_state_dict``.
 """
@@ -20,7 +21,7 @@ import sys
 
 from torch import nn
 
-__all__ = ["TorchLeaf", "register_with_quantization", "load_is_strict"]
+__all__ = ["TorchLeaf", "register_with_torch_tools", "load_is_strict"]
 
 
 class TorchLeaf:
@@ -112,12 +113,15 @@ def _with_bnlab_types(pattern, twins: dict[type, list[type]]) -> list:
     return [pattern]
 
 
-def register_with_quantization(twins: dict[type, list[type]]) -> None:
-    """Teach ``torch.ao.quantization`` bnlab's norm layers wherever it knows torch's.
+def register_with_torch_tools(twins: dict[type, list[type]]) -> None:
+    """Teach torch's fusion and quantization tools bnlab's norm layers wherever they know torch's.
 
-    ``twins`` maps each ``torch.nn`` norm class to its bnlab subclasses. torch's quantization
-    looks modules up by exact type in several tables, none with a public hook; each gets the
-    bnlab classes next to torch's, handled the same way:
+    ``twins`` maps each ``torch.nn`` norm class to its bnlab subclasses. These tools look
+    modules up by exact type, in tables without a public hook; each gets the bnlab classes
+    next to torch's, handled the same way:
+
+    * ``torch.fx.experimental.optimization.fuse`` (conv/linear + bn folding on an FX graph):
+      its pattern test;
 
     * eager fusion (``fuse_modules``, ``fuse_modules_qat``): torch's fuser table, with
       :func:`_bnlab_fuser`;
@@ -133,6 +137,7 @@ def register_with_quantization(twins: dict[type, list[type]]) -> None:
     from torch.ao.quantization import quantization_mappings
     from torch.ao.quantization.backend_config import BackendConfig
     from torch.ao.quantization.fx import _lower_to_native_backend as lowering
+    from torch.fx.experimental import optimization
 
     table = mappings._DEFAULT_OP_LIST_TO_FUSER_METHOD
     for key, fuser in list(table.items()):
@@ -146,6 +151,13 @@ def register_with_quantization(twins: dict[type, list[type]]) -> None:
                     mapping.setdefault(cls, mapping[torch_cls])
     if getattr(BackendConfig.set_backend_pattern_config, "bnlab_twins", None) is not None:
         return
+
+    matches = optimization.matches_module_pattern
+
+    def matches_module_pattern(pattern, node, modules):
+        return any(matches(variant, node, modules) for variant in _with_bnlab_types(tuple(pattern), twins))
+
+    optimization.matches_module_pattern = matches_module_pattern
 
     set_config = BackendConfig.set_backend_pattern_config
 
