@@ -13,7 +13,9 @@ LayerNorm is an xfail here only where torch itself fails.
 
 On top of them, :func:`test_bnlab_equals_torch_bit_for_bit` runs every sample input through a
 torch.nn layer and its bnlab twin: outputs, input and parameter gradients and running statistics
-must be identical, float32 and float64, train and eval.
+must be identical, float32 and float64, train and eval. The batch-norm variants, where they are
+batch norm (ghost BN with one ghost batch; renorm in eval), must equal torch's BatchNorm on the same
+samples.
 """
 
 from __future__ import annotations
@@ -321,3 +323,52 @@ def test_errors(info, impl, dtype, training):
             m = cls(*c_args, **c_kwargs)
             with pytest.raises(error_input.error_type, match=error_input.error_regex):
                 m(*module_input.forward_input.args, **module_input.forward_input.kwargs)
+
+
+# -- bnlab's batch-norm variants on the same samples: where they are batch norm, torch's result ---------
+
+BN_INFOS = [i for i in INFOS if i.module_cls.__name__.startswith("BatchNorm")]
+
+
+GHOST = {"BatchNorm1d": bnn.GhostBatchNorm1d, "BatchNorm2d": bnn.GhostBatchNorm2d}  # bnlab has no 3d ghost
+
+
+@pytest.mark.parametrize("info", [i for i in BN_INFOS if i.module_cls.__name__ in GHOST],
+                         ids=[i.name for i in BN_INFOS if i.module_cls.__name__ in GHOST])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_ghost_batch_norm_with_one_ghost_is_torchs_batch_norm(info, training):
+    # a batch of at most virtual_batch_size samples is one ghost batch: plain batch norm, bit for bit
+    ghost = GHOST[info.module_cls.__name__]
+    for module_input in _inputs(info, torch.float64, training):
+        args, kwargs = module_input.constructor_input.args, module_input.constructor_input.kwargs
+        x = module_input.forward_input.args[0]
+        layers = [info.module_cls(*args, **kwargs), ghost(*args, **kwargs, virtual_batch_size=max(2, len(x)))]
+        outputs = []
+        for layer in layers:
+            layer.double().train(training)
+            xi = x.detach().clone().requires_grad_(True)
+            y = layer(xi)
+            outputs.append([y, *torch.autograd.grad(y.sum(), [xi]), *[b.clone() for b in layer.buffers()]])
+        for got, want in zip(outputs[1], outputs[0], strict=True):
+            assert torch.equal(got, want), module_input.desc
+
+
+@pytest.mark.parametrize("info", BN_INFOS, ids=[i.name for i in BN_INFOS])
+def test_batch_renorm_in_eval_is_torchs_batch_norm(info):
+    renorm = getattr(bnn, info.module_cls.__name__.replace("BatchNorm", "BatchRenorm"))
+    compared = False
+    for module_input in _inputs(info, torch.float64, False):
+        args, kwargs = module_input.constructor_input.args, module_input.constructor_input.kwargs
+        if not kwargs.get("track_running_stats", True) or len(args) > 4:
+            continue  # renorm always keeps running statistics
+        theirs = info.module_cls(*args, **kwargs).double()
+        ours = renorm(*args, **kwargs).double()
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            theirs.running_mean.normal_(generator=g)
+            theirs.running_var.uniform_(0.5, 2, generator=g)
+        ours.load_state_dict(theirs.state_dict())
+        x = module_input.forward_input.args[0]
+        assert torch.equal(ours.eval()(x), theirs.eval()(x)), module_input.desc
+        compared = True
+    assert compared
