@@ -80,6 +80,8 @@ def test_both_networks_see_the_same_batches_in_batch_order(data):
 
 def test_a_session_is_a_function_of_its_settings(data):
     """Same settings, same losses (dropout too), whatever else ran in between."""
+    # dropout draws from torch's global generator: a worker left running by another test would draw too
+    assert [t for t in threading.enumerate() if t.name == "bnlab-web-worker"] == []
     settings = small(dropout=0.3)
     a = Pair(settings, data)
     torch.set_rng_state(a.rng_state)

@@ -38,4 +38,6 @@ def running_server(app):
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        thread.join(10)
+        thread.join(30)
+        if thread.is_alive():
+            raise RuntimeError("the test server did not stop")
