@@ -234,6 +234,7 @@ CHECKS = [
     ("instance-one-spatial-element", lambda m: m.InstanceNorm1d(3, track_running_stats=True), (4, 3, 1), True),
     ("instance-one-spatial-element-2d", lambda m: m.InstanceNorm2d(3), (4, 3, 1, 1), True),
     ("instance-wrong-dims", lambda m: m.InstanceNorm2d(3), (4, 3), True),
+    ("instance-empty-batch", lambda m: m.InstanceNorm2d(3, affine=True), (0, 3, 2, 2), True),
     ("group-one-value-per-group", lambda m: m.GroupNorm(3, 3), (1, 3), True),
     ("group-1d-input", lambda m: m.GroupNorm(1, 3), (3,), True),
     ("group-indivisible", lambda m: m.GroupNorm(2, 3), (4, 3, 2), True),

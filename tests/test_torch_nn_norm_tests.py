@@ -9,8 +9,10 @@ parameter (``impl`` is the ``torch.nn`` or ``bnlab.nn`` namespace, ``functional`
   test_batchnorm_non_contig_cpu, test_batchnorm_nhwc_cuda (run on CPU), test_batchnorm_raises_error_if_*,
   test_batchnorm_buffer_update_when_stats_are_not_tracked, _test_InstanceNorm_general,
   _test_LayerNorm_general, _test_GroupNorm_general, the single-value / single-spatial-element errors of
-  BatchNorm, InstanceNorm and GroupNorm, and the momentum=None (cumulative average) and running-stat update
-  checks of _test_batchnorm_simple_average / _test_batchnorm_update_stats.
+  BatchNorm, InstanceNorm and GroupNorm, the momentum=None (cumulative average) and running-stat update
+  checks of _test_batchnorm_simple_average / _test_batchnorm_update_stats, _test_batchnorm_eval,
+  _test_batchnorm_affine, test_BatchNorm_empty and test_GroupNorm_empty (_test_module_empty_input, also
+  for LayerNorm), test_groupnorm_nhwc (float and double) and test_batchnorm_load_state_dict.
 * test/nn/test_load_state_dict.py (``TestLoadStateDict``): test_load_state_dict (its BatchNorm parts),
   test_load_state_dict_BC, test_load_state_dict_assign_meta, test_load_state_dict_assign_with_optimizer,
   test_load_state_dict_assign_shape_stride, each under ``swap`` True and False.
@@ -290,6 +292,118 @@ def test_instancenorm_raises_error_if_less_than_one_value_per_channel(impl):
     x = torch.rand(10)[None, :, None]
     with pytest.raises(ValueError):
         impl.InstanceNorm1d(10)(x)
+
+
+@IMPLS
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_batchnorm_eval(impl, ndim):
+    torch.manual_seed(0)
+    # eval mode: two passes give the same output and input gradient
+    module = impl.BatchNorm1d(3).eval()
+    data = torch.rand([3] * ndim, requires_grad=True)
+    grad = torch.rand([3] * ndim)
+    res1 = module(data)
+    grad1 = torch.autograd.grad(res1, data, grad)[0]
+    res2 = module(data)
+    grad2 = torch.autograd.grad(res2, data, grad)[0]
+    assert torch.equal(res1, res2) and torch.equal(grad1, grad2)
+    # without running statistics, eval mode is train mode
+    module = impl.BatchNorm1d(3, track_running_stats=False)
+    data = torch.rand(4, 3, requires_grad=True)
+    grad = torch.rand(4, 3)
+    res1 = module(data)
+    grad1 = torch.autograd.grad(res1, data, grad)[0]
+    module.eval()
+    res2 = module(data)
+    grad2 = torch.autograd.grad(res2, data, grad)[0]
+    assert torch.equal(res1, res2) and torch.equal(grad1, grad2)
+
+
+@IMPLS
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_batchnorm_affine(impl, ndim):
+    # affine with weight 1 and bias 0 is no affine
+    module = impl.BatchNorm1d(3, affine=False)
+    module_affine = impl.BatchNorm1d(3, affine=True)
+    with torch.no_grad():
+        module_affine.weight.fill_(1.0)
+        module_affine.bias.zero_()
+    data = torch.rand([3] * ndim, requires_grad=True)
+    grad = torch.ones_like(data)
+    res1 = module_affine(data)
+    grad1 = torch.autograd.grad(res1, data, grad)[0]
+    res2 = module(data)
+    grad2 = torch.autograd.grad(res2, data, grad)[0]
+    torch.testing.assert_close(res1, res2)
+    torch.testing.assert_close(grad1, grad2)
+
+
+def _module_empty_input(module, x, check_size=True):
+    x.requires_grad_(True)
+    out = module(x)
+    out.backward(torch.rand_like(out))
+    if check_size:
+        assert out.size() == x.size()
+    for p in module.parameters():
+        if p.requires_grad:
+            assert torch.equal(p.grad, torch.zeros_like(p.grad))
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@IMPLS
+def test_BatchNorm_empty(impl):
+    module = impl.BatchNorm2d(3)
+    _module_empty_input(module, torch.randn(0, 3, 2, 2))
+    assert torch.equal(module.running_mean, torch.zeros(3)) and torch.equal(module.running_var, torch.ones(3))
+
+
+@IMPLS
+@pytest.mark.parametrize("make,shape", [(lambda m: m.GroupNorm(2, 4), (0, 4, 2, 2)),
+                                        (lambda m: m.LayerNorm(4), (0, 4))],
+                         ids=["GroupNorm", "LayerNorm"])  # InstanceNorm: torch raises (test_torch_dropin.py)
+def test_norm_empty(impl, make, shape):
+    _module_empty_input(make(impl), torch.randn(shape))
+
+
+@IMPLS
+@pytest.mark.parametrize("dtype", [torch.float, torch.double])
+@pytest.mark.parametrize("shape,groups", [((4, 8, 10, 10), 4), ((2, 6, 3, 5), 3), ((2, 4, 1, 1), 2)])
+def test_groupnorm_nhwc(impl, dtype, shape, groups):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    grad = torch.randn(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    gn = impl.GroupNorm(groups, shape[1]).to(dtype)
+    with torch.no_grad():
+        gn.weight.uniform_()
+        gn.bias.uniform_()
+    ref_x = x.detach().clone().contiguous().requires_grad_(True)
+    ref_gn = impl.GroupNorm(groups, shape[1]).to(dtype)
+    ref_gn.load_state_dict(gn.state_dict())
+    out, ref_out = gn(x), ref_gn(ref_x)
+    out.backward(grad)
+    ref_out.backward(grad.contiguous())
+    assert out.is_contiguous(memory_format=torch.channels_last) and ref_out.is_contiguous()
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(gn.weight.grad, ref_gn.weight.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gn.bias.grad, ref_gn.bias.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(x.grad, ref_x.grad, atol=1e-4, rtol=1e-4)
+
+
+@IMPLS
+def test_batchnorm_load_state_dict(impl):
+    bn = impl.BatchNorm2d(1)
+    assert bn.state_dict()["num_batches_tracked"].item() == 0
+    bn.num_batches_tracked = torch.tensor(10)
+    assert bn.state_dict()["num_batches_tracked"].item() == 10
+    bn.load_state_dict({}, strict=False)
+    assert bn.state_dict()["num_batches_tracked"].item() == 10
+    # a meta counter missing from the state dict becomes a real 0
+    with torch.device("meta"):
+        meta_bn = impl.BatchNorm2d(1)
+    assert meta_bn.num_batches_tracked.is_meta
+    meta_bn.load_state_dict({}, assign=True, strict=False)
+    assert meta_bn.state_dict()["num_batches_tracked"].device.type == "cpu"
+    assert meta_bn.state_dict()["num_batches_tracked"].item() == 0
 
 
 # -- test/nn/test_load_state_dict.py ------------------------------------------------------------------
