@@ -52,8 +52,7 @@ def _torch_twin(bn: nn.Module) -> nn.Module:
     """A ``torch.nn.BatchNormNd`` that shares ``bn``'s parameters and buffers (no copies): what torch's
     fusers get in its place, since their containers assert exact types."""
     cls = next(c for c in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) if isinstance(bn, c))
-    momentum = bn.momentum if bn.momentum is None or not hasattr(bn, "_new_batch_weight") else (
-        bn._new_batch_weight(bn.momentum))
+    momentum = None if bn.momentum is None else bn._new_batch_weight(bn.momentum)  # in torch's direction
     twin = cls(bn.num_features, bn.eps, momentum, bn.affine, bn.track_running_stats, device="meta",
                bias=bn.bias is not None)
     twin._parameters.update(bn._parameters)
@@ -97,12 +96,12 @@ def _bnlab_fuser(torch_fuser):
             fused = _put_back(fused, twin, bn)
         return fused
 
-    fuse.torch_fuser = torch_fuser
     return fuse
 
 
 def _with_bnlab_types(pattern, twins: dict[type, list[type]]) -> list:
-    """Every variant of a (possibly nested) pattern with torch batch norm types replaced by bnlab's."""
+    """Every variant of a (possibly nested) pattern with torch norm classes replaced by their bnlab twins
+    (the original first)."""
     if isinstance(pattern, tuple):
         variants = [()]
         for part in pattern:
