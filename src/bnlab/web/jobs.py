@@ -280,7 +280,8 @@ class Job:
         self._lock = threading.Lock()
         self._inbox: list[dict] = []
         self._views: dict[str, dict] = {}  # the latest request per view: a slider's burst collapses to one
-        self._outbox: collections.deque[dict] = collections.deque()
+        # replies waiting for the socket; bounded, so a page that sends but never reads cannot grow it
+        self._outbox: collections.deque[dict] = collections.deque(maxlen=1000)
         self._losses: collections.deque[tuple[int, float, float]] = collections.deque(maxlen=2000)
         self._probe: dict | None = None
         self._ranges: dict = {}
