@@ -35,7 +35,8 @@ import bnlab.nn as bnn
 
 NORMS = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d",
          "InstanceNorm3d", "LayerNorm"]
-INFOS = [info for info in module_db if info.module_cls.__name__ in NORMS and info.module_cls.__module__.startswith("torch.nn")]
+INFOS = [info for info in module_db
+         if info.module_cls.__name__ in NORMS and info.module_cls.__module__.startswith("torch.nn")]
 assert sorted(info.module_cls.__name__ for info in INFOS) == sorted(NORMS)
 
 IMPLS = {"torch": lambda info: info.module_cls, "bnlab": lambda info: getattr(bnn, info.module_cls.__name__)}

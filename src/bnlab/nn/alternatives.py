@@ -2,9 +2,10 @@
 
 They subclass the ``torch.nn`` classes (same constructor, defaults, checks,
 error messages, parameters and state dict) and route the computation through
-:mod:`bnlab.functional`, which calls ``torch.nn.functional`` as torch's modules do. None of them depends on the other samples of a batch,
-so they behave the same in training and inference and work at batch size 1,
-which is why the seeds recommend them for small batches and sequence models.
+:mod:`bnlab.functional`, which calls ``torch.nn.functional`` as torch's modules do.
+None of them depends on the other samples of a batch, so they behave the same in
+training and inference and work at batch size 1, which is why the seeds recommend
+them for small batches and sequence models.
 """
 
 from __future__ import annotations

@@ -170,7 +170,8 @@ class _BatchNorm(TorchLeaf, _TorchBatchNorm):
     def trains_like_torch(self) -> bool:
         """Whether a training step is exactly ``torch.nn.BatchNormNd``'s (torch convention, no guard,
         no variant): then tools that rebuild the layer as torch's (QAT fusion) lose nothing."""
-        return self.convention == "torch" and not self.skip_nonfinite_update and type(self)._normalize is _BatchNorm._normalize
+        is_variant = type(self)._normalize is not _BatchNorm._normalize  # renorm, ghost
+        return self.convention == "torch" and not self.skip_nonfinite_update and not is_variant
 
     def _new_batch_weight(self, momentum: float) -> float:
         """``momentum`` in torch's direction: the weight the next batch gets (spelled out, not looked up
