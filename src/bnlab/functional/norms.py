@@ -90,7 +90,8 @@ def batch_norm(
     kernel) this *is* ``torch.nn.functional.batch_norm``: the same call, the
     same checks, and what ``__torch_function__`` overrides and modes see.
     The other arguments are also TorchScript-compatible (keyword arguments
-    are accepted, not required), so modules built on it script.
+    are accepted, not required), so modules built on it script; compiled by
+    TorchScript it always takes the native kernel (registered kernels are Python).
 
     Args:
         input: ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)``;
