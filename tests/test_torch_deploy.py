@@ -172,3 +172,20 @@ def test_onnx_export(twins, dynamo):
     assert results[0][0] == results[1][0]
     assert (results[0][1] == results[1][1]).all()
     torch.testing.assert_close(torch.from_numpy(results[0][1]), twins[1].eval()(X), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [dict(convention="keras"), dict(skip_nonfinite_update=True)],
+                         ids=["keras", "skip_nonfinite_update"])
+def test_torch_compile_fullgraph_keeps_bnlab_features(options):
+    # no torch twin here: the compiled layer must do what the eager one does, in one graph
+    torch._dynamo.reset()
+    eager = bnn.BatchNorm2d(3, **options)
+    compiled = torch.compile(copy.deepcopy(eager), fullgraph=True, backend="aot_eager")
+    batches = _batches(3, size=4)
+    batches[1] = torch.full_like(batches[1], float("inf"))  # a poisoned batch in the middle
+    for x in batches:
+        torch.testing.assert_close(compiled(x.expand(4, 3, 8, 8)), eager(x.expand(4, 3, 8, 8)), rtol=0, atol=0,
+                                   equal_nan=True)
+    for a, b in zip(compiled.state_dict().values(), eager.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert torch.isfinite(eager.running_var).all() == bool(options.get("skip_nonfinite_update"))
