@@ -123,7 +123,8 @@ class Pair:
         self._epoch, self._position, self._order = -1, 0, None
         # Dropout draws from torch's global generator, which every session's steps share: each Pair
         # keeps its own state of it (swapped in by the worker), so a session depends on its settings only.
-        self.rng_state = torch.get_rng_state()  # build_model seeded it
+        # Seeded here, not inherited from whatever build_model left in the global generator.
+        self.rng_state = torch.Generator().manual_seed(settings["seed"] + 1_000_003).get_state()
         size = sum(p.numel() for p in self.models["norm"].parameters()) * 4
         self.path = {name: collections.deque(maxlen=max(2, min(40, PATH_BUDGET // size))) for name in NAMES}
 
