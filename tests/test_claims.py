@@ -207,7 +207,7 @@ def test_claims_cli(tmp_path, capsys, monkeypatch, tiny_protocols):
     assert "output-layer:" in capsys.readouterr().out
     assert main(["claims", "report", "--store", store, "--out", str(tmp_path / "report")]) == 0
     assert (tmp_path / "report" / "claims.md").exists()
-    assert main(["claims", "run", "nonsense", "--store", store]) == 1
+    assert main(["claims", "run", "nonsense", "--store", store]) == 2
     assert "unknown claim 'nonsense'" in capsys.readouterr().err
 
 

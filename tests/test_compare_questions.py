@@ -97,7 +97,7 @@ def test_cli_variants_and_set_errors_are_one_line(tmp_path, capsys):
     for argv, reason in ((["--set", "lrr=1"], "unknown key 'lrr'"), (["--variants", "none,bogus"], "bogus"),
                          (["--variants", "instance"], "instance norm needs spatial dims"),
                          (["--set", "batch_size=1"], "batch_size must be at least 2")):
-        assert main(["compare", "--store", store, "--no-progress", *argv]) == 1
+        assert main(["compare", "--store", store, "--no-progress", *argv]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and reason in err, err
     assert not (tmp_path / "runs.sqlite").exists() or not RunStore(store).runs()  # nothing was trained

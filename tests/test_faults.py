@@ -194,7 +194,7 @@ def test_disk_full_is_one_line_marks_interrupted_leaves_no_partial_file_and_resu
         return real_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(engine_module.torch, "save", full_disk)
-    assert main(argv) == 1
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"disk full at {store.parent / 'checkpoints'}" in err
     with RunStore(store, readonly=True) as s:
@@ -298,7 +298,7 @@ def test_out_pointing_at_a_file_fails_before_any_work(tmp_path, monkeypatch, cap
     out = tmp_path / "report"
     out.write_text("not a directory")
     store = tmp_path / "runs.sqlite"
-    assert main(["compare", "--out", str(out), "--store", str(store), "--no-progress"]) == 1
+    assert main(["compare", "--out", str(out), "--store", str(store), "--no-progress"]) == 2
     assert "is a file" in capsys.readouterr().err and not store.exists()
 
 
@@ -320,7 +320,7 @@ def test_help_prints_percent_signs_once(capsys):
 def test_store_in_an_uncreatable_place_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert main(["runs", "resume", "abc", "--store", str(blocker / "sub" / "runs.sqlite")]) == 1
+    assert main(["runs", "resume", "abc", "--store", str(blocker / "sub" / "runs.sqlite")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot create the run store's directory" in err
 

@@ -9,7 +9,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "bnlab"
 LAYERS = {
-    "base": ["_paths", "_json"],  # stdlib-only helpers (bnlab/_paths.py, _json.py) that every layer may use
+    "base": ["_paths", "_json", "errors"],  # stdlib-only modules that every layer may use
     "library": ["functional", "nn", "reference"],
     "lab": ["data", "models", "train", "store", "stats", "experiments", "report", "probes"],
     "interface": ["cli", "web"],

@@ -525,7 +525,13 @@ def test_inference_copy_folds_norms_and_computes_what_eval_mode_does(spec, k, sh
         torch.testing.assert_close(stacked(x if spec.arch == "cnn" else x.flatten(1)), expected, rtol=1e-5, atol=2e-5)
 
 
-def test_evaluate_restores_the_mode_it_found():
+def test_seeded_build_leaves_the_global_random_state_and_evaluate_restores_the_mode():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = build_model(TINY_MLP, seed=7)
+    assert torch.equal(torch.rand(3), expected)  # the global stream did not move
+    torch.testing.assert_close(build_model(TINY_MLP, seed=7)[1].weight, first[1].weight, rtol=0, atol=0)
     data = prepare_data(fake_dataset(n_train=64, n_test=32), CFG, TINY_MLP)
     trainer = StackedTrainer(TINY_MLP, CFG, [0, 1], data)
     trainer.model.eval()

@@ -191,7 +191,7 @@ def test_compare_cli_and_runs_cli(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.startswith("run_id,step,metric,value")
     assert main(["runs", "export", run_id, "--format", "json", "--store", store]) == 0
     assert "test_acc" in json.loads(capsys.readouterr().out)["metrics"]
-    assert main(["runs", "show", "nope", "--store", store]) == 1
+    assert main(["runs", "show", "nope", "--store", store]) == 2
     assert "no run with id 'nope'" in capsys.readouterr().err
 
 

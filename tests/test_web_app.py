@@ -134,7 +134,7 @@ def test_serve_binds_to_loopback_unless_told_otherwise(monkeypatch, capsys):
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4") and not is_loopback("example.org")
     started = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(kw))
-    assert main(["serve", "--host", "0.0.0.0"]) == 1
+    assert main(["serve", "--host", "0.0.0.0"]) == 2
     assert "--allow-remote" in capsys.readouterr().err and started == []
     assert main(["serve", "--host", "0.0.0.0", "--allow-remote", "--port", "8123"]) == 0
     assert "WARNING" in capsys.readouterr().err

@@ -39,6 +39,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from bnlab._paths import user_data_path
+from bnlab.errors import BnlabError
 
 __all__ = ["RunStore", "RunRecord", "default_store_path", "config_key", "StoreError", "DiskFullError",
            "LEASE_SECONDS", "HEARTBEAT_SECONDS"]
@@ -84,7 +85,7 @@ LEGACY_TRAIN_SETTINGS = {"data_order": "shared", "eval_subset": 0, "eval_train_s
 LEGACY_MODEL_SETTINGS = {"norm_momentum": None, "norm_eps": None}  # bnlab.models.ModelSpec's newer fields
 
 
-class StoreError(RuntimeError):
+class StoreError(BnlabError, RuntimeError):
     """The store cannot do what was asked (unknown run, unreadable file); the message says why."""
 
 

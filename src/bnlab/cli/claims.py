@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from bnlab.cli.common import add_store_option, open_store, output_dir, positive_int
+from bnlab.errors import UsageError
 
 
 def add_parser(subparsers) -> None:
@@ -49,7 +50,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         names = sorted(CLAIMS, key=lambda n: CLAIMS[n].number) if args.name == "all" else [args.name]
         unknown = [n for n in names if n not in CLAIMS]
         if unknown:
-            raise ValueError(f"unknown claim {unknown[0]!r}; see 'bnlab claims list'")
+            raise UsageError(f"unknown claim {unknown[0]!r}; see 'bnlab claims list'")
         protocol = "quick" if args.quick else "full"
         seeds = args.seeds or DEFAULT_SEEDS[protocol]
         ctx = ClaimContext(store=store, quick=args.quick, seeds=seeds, out_dir=args.out,

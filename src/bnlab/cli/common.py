@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+from bnlab.errors import UsageError
 from bnlab.store import RunStore
 
 
@@ -25,13 +26,13 @@ def open_store(args: argparse.Namespace, *, readonly: bool = False) -> RunStore:
 def output_dir(path: Path) -> Path:
     """Check, before any work, that a report can be written to directory ``path`` (creating it)."""
     if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {path} is a file; give a directory for the report")
+        raise UsageError(f"--out {path} is a file; give a directory for the report")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ValueError(f"--out {path}: cannot create it ({exc.strerror})") from None
+        raise UsageError(f"--out {path}: cannot create it ({exc.strerror})") from None
     if not os.access(path, os.W_OK):
-        raise ValueError(f"--out {path} is not writable; give another directory")
+        raise UsageError(f"--out {path} is not writable; give another directory")
     return path
 
 

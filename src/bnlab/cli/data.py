@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from bnlab.data import DATASETS, default_data_dir, load_dataset
+from bnlab.errors import UsageError
 
 
 def add_parser(subparsers) -> None:
@@ -17,7 +18,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     for name in args.names:
         if name not in DATASETS:
-            raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
+            raise UsageError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
         ds = load_dataset(name)
         print(f"{ds.spec.title}: {len(ds.train_labels)} train + {len(ds.test_labels)} test images, verified "
               f"(cache: {default_data_dir() / name})")

@@ -7,6 +7,7 @@ import sys
 
 import bnlab
 from bnlab.cli import claims, compare, data, demo, presets, runs, serve
+from bnlab.errors import EXTRAS, BnlabError, StopRequested
 
 # Each module exposes add_parser(subparsers) and run(args) -> int.
 SUBCOMMANDS = [compare, claims, runs, presets, data, demo, serve]
@@ -37,11 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    # Imported here so that `bnlab --help` stays fast (no torch import).
-    from bnlab.data import DataUnavailableError
-    from bnlab.store import StoreError
-    from bnlab.train.engine import StopRequested
-
     try:
         return args.run(args)
     except StopRequested as stop:
@@ -51,10 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nbnlab: interrupted; resume from the last checkpoint with 'bnlab runs resume ID'", file=sys.stderr)
         return 130
-    except (StoreError, DataUnavailableError, ValueError) as exc:
+    except BnlabError as exc:  # the user's to fix; anything else is a bug and keeps its traceback
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 1
-
+        return 2
+    except ModuleNotFoundError as exc:
+        extra = EXTRAS.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(f"{parser.prog}: error: '{args.command}' needs the {extra} extra ({exc.name} is not installed): "
+              f"pip install 'bnlab[{extra}]'", file=sys.stderr)
+        return 2
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from bnlab.cli.common import add_store_option, positive_int
+from bnlab.errors import UsageError
 
 
 def add_parser(subparsers) -> None:
@@ -34,15 +35,15 @@ def is_loopback(host: str) -> bool:
 def run(args: argparse.Namespace) -> int:
     if not is_loopback(args.host):
         if not args.allow_remote:
-            raise ValueError(f"--host {args.host} is reachable from other machines; add --allow-remote to mean it")
+            raise UsageError(f"--host {args.host} is reachable from other machines; add --allow-remote to mean it")
         print(f"bnlab serve: WARNING: listening on {args.host}: anyone who can reach this port can train models "
               "on this machine and read the run store's results", file=sys.stderr)
     if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+        raise UsageError(f"--port must be in 0..65535, got {args.port}")
     try:
         import uvicorn
     except ImportError:
-        raise ValueError("the web app needs its extra dependencies: pip install 'bnlab[web]'") from None
+        raise UsageError("the web app needs its extra dependencies: pip install 'bnlab[web]'") from None
     from bnlab.web.app import create_app
     from bnlab.web.jobs import JobManager
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from bnlab._paths import user_cache_path
+from bnlab.errors import BnlabError
 from bnlab.data.idx import IdxError, parse_idx, read_bytes
 
 __all__ = ["DatasetSpec", "Dataset", "DATASETS", "DataUnavailableError", "load_dataset", "default_data_dir"]
@@ -102,7 +103,7 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
-class DataUnavailableError(RuntimeError):
+class DataUnavailableError(BnlabError, RuntimeError):
     """No source yielded a verified copy; the message lists every attempt and the manual fix."""
 
 

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from bnlab.data import Dataset, load_dataset
+from bnlab.errors import UsageError
 from bnlab.experiments.common import THRESHOLDS, summarise_group
 from bnlab.experiments.settings import apply_settings
 from bnlab.models import PRESETS, ModelSpec
@@ -45,17 +46,17 @@ class CompareRequest:
 
     def __post_init__(self):
         if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)} (see 'bnlab presets')")
+            raise UsageError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)} (see 'bnlab presets')")
         if self.seeds < 1:
-            raise ValueError("--seeds must be at least 1")
+            raise UsageError("--seeds must be at least 1")
         if self.epochs is not None and self.epochs <= 0:
-            raise ValueError("--epochs must be positive")
+            raise UsageError("--epochs must be positive")
         unknown = [v for v in self.variants if v not in NORM_KINDS]
         if unknown or not self.variants:
-            raise ValueError(f"--variants: unknown norm kind(s) {unknown}; choose from {list(NORM_KINDS)}"
+            raise UsageError(f"--variants: unknown norm kind(s) {unknown}; choose from {list(NORM_KINDS)}"
                              if unknown else "--variants needs at least one norm kind")
         if len(set(self.variants)) != len(self.variants):
-            raise ValueError(f"--variants names a kind twice: {list(self.variants)}")
+            raise UsageError(f"--variants names a kind twice: {list(self.variants)}")
 
     def configs(self) -> tuple[dict[str, ModelSpec], TrainConfig]:
         """``({label: spec}, cfg)``; raises ValueError (saying which) for a variant the preset cannot build."""
@@ -70,7 +71,7 @@ class CompareRequest:
             try:
                 specs[VARIANT_LABELS[kind]] = base.with_(norm=kind)
             except ValueError as exc:
-                raise ValueError(f"--variants {kind}: {exc}") from None
+                raise UsageError(f"--variants {kind}: {exc}") from None
         return specs, cfg
 
 

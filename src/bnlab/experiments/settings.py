@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
+from bnlab.errors import UsageError
 from bnlab.models.spec import ModelSpec
 from bnlab.train.config import TrainConfig
 
@@ -43,7 +44,7 @@ def _valid_keys() -> str:
 
 def _parse_value(key: str, kind: str, text: str):
     def fail(expected: str):
-        raise ValueError(f"--set {key}={text}: expected {expected}")
+        raise UsageError(f"--set {key}={text}: expected {expected}")
 
     stripped = text.strip()
     if "None" in kind and stripped.lower() in ("none", "null", ""):
@@ -82,11 +83,11 @@ def parse_settings(pairs: Iterable[str]) -> dict[str, object]:
         key, sep, text = pair.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+            raise UsageError(f"--set expects KEY=VALUE, got {pair!r}")
         if key in _OWN_OPTION:
-            raise ValueError(f"--set {key}: use {_OWN_OPTION[key]} for that")
+            raise UsageError(f"--set {key}: use {_OWN_OPTION[key]} for that")
         if key not in fields:
-            raise ValueError(f"--set: unknown key {key!r}; valid keys are {_valid_keys()}")
+            raise UsageError(f"--set: unknown key {key!r}; valid keys are {_valid_keys()}")
         settings[key] = _parse_value(key, fields[key][1], text)
     return settings
 
@@ -104,4 +105,4 @@ def apply_settings(spec: ModelSpec, cfg: TrainConfig, settings: dict[str, object
     try:
         return spec.with_(**model), cfg.with_(**train)
     except ValueError as exc:
-        raise ValueError(f"--set: {exc}") from None
+        raise UsageError(f"--set: {exc}") from None

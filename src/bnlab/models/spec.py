@@ -156,9 +156,16 @@ def _block(spec: ModelSpec, layer: nn.Module, features: int, spatial: bool) -> l
 
 
 def build_model(spec: ModelSpec, *, seed: int | None = None) -> nn.Sequential:
-    """Build the model; with ``seed``, its initialization depends on nothing else."""
-    if seed is not None:
+    """Build the model; with ``seed``, its initialization depends on nothing else, and the global
+    random state is left as it was (the layers draw from it, seeded, inside a fork)."""
+    if seed is None:
+        return _build(spec)
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        return _build(spec)
+
+
+def _build(spec: ModelSpec) -> nn.Sequential:
     layers: list[nn.Module] = []
     keep_bias = spec.norm not in _MEAN_SUBTRACTING or spec.bias_before_norm or spec.placement == "after"
     if spec.arch == "mlp":

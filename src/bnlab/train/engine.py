@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from bnlab.data import Dataset
+from bnlab.errors import StopRequested
 from bnlab.models.fused import StackedConv2d, StackedLinear, StackedModel, per_model_cross_entropy
 from bnlab.models.spec import ModelSpec, build_model
 from bnlab.store import DiskFullError, disk_full_message
@@ -164,14 +165,6 @@ def _out_of_space(exc: BaseException, directory: Path) -> bool:
         return "write failed" in str(exc) and shutil.disk_usage(directory).free < 64 * 2**20
     except OSError:
         return False
-
-
-class StopRequested(Exception):
-    """Training stopped at a step boundary because of Ctrl-C or SIGTERM (``signum``); state was saved."""
-
-    def __init__(self, message: str, signum: int = signal.SIGINT):
-        super().__init__(message)
-        self.signum = signum
 
 
 class _StopFlag:

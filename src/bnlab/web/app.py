@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import math
 import re
 import time
 from importlib import resources
@@ -24,6 +22,7 @@ from fastapi import FastAPI, HTTPException, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from bnlab._json import dumps as strict_dumps, strict_json
 from bnlab.web.jobs import JobManager, TooManyJobs
 from bnlab.web.schema import MAX_MESSAGE_BYTES, ProtocolError, parse_message
 
@@ -39,18 +38,8 @@ _CLAIM = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 
 
 def dumps(message: dict) -> str:
-    """JSON with NaN and infinities as null (a diverged loss must not break the page's parser)."""
-
-    def clean(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        return value
-
-    return json.dumps(clean(message), separators=(",", ":"))
+    """Compact JSON with NaN and infinities as null (a diverged loss must not break the page's parser)."""
+    return strict_dumps(message, separators=(",", ":"))
 
 
 def create_app(manager: JobManager | None = None, *, store_path: Path | None = None) -> FastAPI:
@@ -173,7 +162,8 @@ def _open_store(store_path: Path | None):
     from bnlab.store import RunStore, default_store_path
 
     path = Path(store_path) if store_path is not None else default_store_path()
-    return RunStore(path) if path.exists() else None  # never create a store just to show it is empty
+    # read-only: never create a store just to show it is empty, never write to the user's results
+    return RunStore(path, readonly=True) if path.exists() else None
 
 
 def _runs(store_path: Path | None) -> JSONResponse:
@@ -188,7 +178,7 @@ def _runs(store_path: Path | None) -> JSONResponse:
                          "steps": r.steps_done, "total_steps": r.total_steps, "created": r.created,
                          "norm": model.get("norm"), "dataset": train.get("dataset"),
                          "final_test_acc": (r.summary or {}).get("final_test_acc")})
-    return JSONResponse(json.loads(dumps({"runs": rows})))
+    return JSONResponse(strict_json({"runs": rows}))
 
 
 def _run_series(store_path: Path | None, run_id: str) -> JSONResponse:
@@ -205,7 +195,7 @@ def _run_series(store_path: Path | None, run_id: str) -> JSONResponse:
         series = {k: v for k, v in store.metrics(r.id).items() if k in ("test_acc", "train_loss", "test_loss")}
         body = {"id": r.id, "label": r.label, "seed": r.seed, "status": r.effective_status, "config": r.config,
                 "series": {k: {"steps": [s for s, _ in v], "values": [x for _, x in v]} for k, v in series.items()}}
-    return JSONResponse(json.loads(dumps(body)))
+    return JSONResponse(strict_json(body))
 
 
 def _claims_results(store_path: Path | None):
@@ -229,7 +219,7 @@ def _claims(store_path: Path | None) -> JSONResponse:
                      "protocol": r.protocol if r else None, "seeds": r.seeds if r else None,
                      "statistic": r.statistic if r else None,
                      "plots": len(_plots(r))})
-    return JSONResponse(json.loads(dumps({"claims": rows})))
+    return JSONResponse(strict_json({"claims": rows}))
 
 
 def _plots(result) -> list[Path]:
