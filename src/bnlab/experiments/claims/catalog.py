@@ -9,7 +9,7 @@ import torch
 from bnlab.experiments.claims.base import Arm, Claim, ClaimContext, ClaimResult, Criterion, Rule
 from bnlab.models import PRESETS, ModelSpec
 from bnlab.probes import gradient_ics, landscape, loss_surface, preactivation_percentiles
-from bnlab.report.plots import accuracy_and_percentiles, bars_with_ci, lines_with_ci, loss_contours
+from bnlab.experiments.plots import accuracy_and_percentiles, bars_with_ci, lines_with_ci, loss_contours
 from bnlab.stats import first_step_reaching, mean_ci, welch_diff
 from bnlab.train import TrainConfig, prepare_data
 from bnlab.train.runner import StartFrom, trained_models
