@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from bnlab.data import load_dataset
+from bnlab.data import fetch_dataset
 from bnlab.models import PRESETS, ModelSpec
 from bnlab.train import StackedTrainer, TrainConfig, prepare_data
 
@@ -131,7 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    dataset = load_dataset("mnist", log=lambda m: None)
+    dataset = fetch_dataset("mnist", log=lambda m: None)
     preset = PRESETS["torch-mlp"]
     spec = ModelSpec.from_dict(preset["model"]).with_(norm="batch")
     cfg = TrainConfig.from_dict({**preset["train"], "epochs": 1})

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from web_server import CHROMIUM, CHROMIUM_ARGS, running_server  # noqa: E402
 
-from bnlab.data import load_dataset  # noqa: E402
+from bnlab.data import fetch_dataset  # noqa: E402
 from bnlab.web.app import create_app  # noqa: E402
 from bnlab.web.jobs import JobManager, Pair, WebData, torch_threads  # noqa: E402
 from bnlab.web.schema import default_settings  # noqa: E402
@@ -155,7 +155,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each measuring phase")
     args = parser.parse_args()
     threads = torch_threads()
-    dataset = load_dataset("mnist")
+    dataset = fetch_dataset("mnist")
     data = WebData.from_dataset(dataset)  # the app makes the same from the same dataset
     manager = JobManager(load=lambda name: dataset)
     busy0, ours0, clock0 = *_busy_seconds(), time.perf_counter()

@@ -22,7 +22,7 @@ import statistics
 
 import torch
 
-from bnlab.data import load_dataset
+from bnlab.data import fetch_dataset
 from bnlab.models import PRESETS, ModelSpec
 from bnlab.stats import first_step_reaching
 from bnlab.train import StackedTrainer, TrainConfig, prepare_data
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=1.0)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    dataset = load_dataset("mnist", log=lambda m: None)
+    dataset = fetch_dataset("mnist", log=lambda m: None)
     for norm in ("none", "batch"):
         r = measure(args.preset, norm, args.seeds, args.epochs, dataset)
         inter = r["plan"]["intermediate_points"]

@@ -104,7 +104,7 @@ def test_cli_variants_and_set_errors_are_one_line(tmp_path, capsys):
 
 
 def test_cli_prints_phases(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(compare_module, "load_dataset", lambda name: fake_dataset(n_train=256, n_test=64))
+    monkeypatch.setattr(compare_module, "load_dataset", lambda name, **_: fake_dataset(n_train=256, n_test=64))
     out = tmp_path / "report"
     assert main(["compare", "--seeds", "2", "--epochs", "1", "--variants", "none,batch,layer", "--set", "lr=0.05",
                  "--store", str(tmp_path / "s.sqlite"), "--out", str(out), "--no-progress"]) == 0

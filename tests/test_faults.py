@@ -180,7 +180,7 @@ def _raise_at(step, progress, trainer):
 
 
 def test_disk_full_is_one_line_marks_interrupted_leaves_no_partial_file_and_resumes(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(compare_module, "load_dataset", lambda name: fake_dataset(n_train=320, n_test=64))
+    monkeypatch.setattr(compare_module, "load_dataset", lambda name, **_: fake_dataset(n_train=320, n_test=64))
     store, out = tmp_path / "runs.sqlite", tmp_path / "out"
     argv = ["compare", "--seeds", "1", "--epochs", "1", "--no-progress", "--store", str(store), "--out", str(out),
             "--set", "checkpoint_every=3", "--set", "hidden=16"]
@@ -294,7 +294,7 @@ def test_malformed_flags_are_one_line_and_exit_2(argv, reason, capsys):
 
 
 def test_out_pointing_at_a_file_fails_before_any_work(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(compare_module, "load_dataset", lambda name: pytest.fail("data loaded before the check"))
+    monkeypatch.setattr(compare_module, "load_dataset", lambda name, **_: pytest.fail("data loaded before the check"))
     out = tmp_path / "report"
     out.write_text("not a directory")
     store = tmp_path / "runs.sqlite"
@@ -326,7 +326,7 @@ def test_store_in_an_uncreatable_place_is_one_line(tmp_path, capsys):
 
 
 def test_every_json_the_cli_prints_is_strict(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(compare_module, "load_dataset", lambda name: fake_dataset(n_train=320, n_test=64))
+    monkeypatch.setattr(compare_module, "load_dataset", lambda name, **_: fake_dataset(n_train=320, n_test=64))
     store = tmp_path / "runs.sqlite"
     # one seed and a threshold never reached: the cases that used to write bare NaN tokens
     assert main(["compare", "--seeds", "1", "--epochs", "0.2", "--no-progress", "--store", str(store),

@@ -175,7 +175,7 @@ def test_compare_end_to_end_writes_a_report(tmp_path):
 
 
 def test_compare_cli_and_runs_cli(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(compare_module, "load_dataset", lambda name: fake_dataset(n_train=256, n_test=64))
+    monkeypatch.setattr(compare_module, "load_dataset", lambda name, **_: fake_dataset(n_train=256, n_test=64))
     store = str(tmp_path / "runs.sqlite")
     out = tmp_path / "report"
     assert main(["compare", "--seeds", "2", "--epochs", "1", "--store", store, "--out", str(out), "--no-progress"]) == 0

@@ -19,7 +19,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 import keras  # noqa: E402
 import torch  # noqa: E402
 
-from bnlab.data import load_dataset  # noqa: E402
+from bnlab.data import fetch_dataset  # noqa: E402
 
 
 def build(use_bn: bool) -> keras.Sequential:
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--json-out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    ds = load_dataset("mnist", log=lambda m: None)
+    ds = fetch_dataset("mnist", log=lambda m: None)
     x_train = ds.train_images.reshape(-1, 784).numpy().astype("float32") / 255.0
     x_test = ds.test_images.reshape(-1, 784).numpy().astype("float32") / 255.0
     y_train, y_test = ds.train_labels.numpy(), ds.test_labels.numpy()

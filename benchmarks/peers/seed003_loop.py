@@ -20,7 +20,7 @@ import torch
 from torch import nn, optim
 from torch.utils.data import DataLoader, Dataset
 
-from bnlab.data import load_dataset
+from bnlab.data import fetch_dataset
 
 
 class TutorialMNIST(Dataset):
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--json-out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    ds = load_dataset("mnist", log=lambda m: None)
+    ds = fetch_dataset("mnist", log=lambda m: None)
     train = TutorialMNIST(ds.train_images, ds.train_labels)
     test_loader = DataLoader(TutorialMNIST(ds.test_images, ds.test_labels), batch_size=1000)
     steps_per_epoch = -(-len(train) // 64)

@@ -53,7 +53,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise UsageError(f"unknown claim {unknown[0]!r}; see 'bnlab claims list'")
         protocol = "quick" if args.quick else "full"
         seeds = args.seeds or DEFAULT_SEEDS[protocol]
-        ctx = ClaimContext(store=store, quick=args.quick, seeds=seeds, out_dir=args.out,
+        ctx = ClaimContext(store=store, quick=args.quick, seeds=seeds, out_dir=args.out, fetch=True,
                            progress=not args.no_progress)
         for name in names:
             result = CLAIMS[name].execute(ctx)

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     request.configs()  # a variant or setting the preset cannot take fails here, before any work
     output_dir(args.out)
     with open_store(args) as store:
-        summary = run_compare(request, store, progress=not args.no_progress)
+        summary = run_compare(request, store, progress=not args.no_progress, fetch=True)
         summary["phases_seconds"] = {"startup": startup, **summary["phases_seconds"]}
         paths = write_report(summary, args.out)
     print(format_table(summary))

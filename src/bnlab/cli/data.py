@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bnlab.data import DATASETS, default_data_dir, load_dataset
+from bnlab.data import DATASETS, default_data_dir, fetch_dataset
 from bnlab.errors import UsageError
 
 
@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     for name in args.names:
         if name not in DATASETS:
             raise UsageError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
-        ds = load_dataset(name)
+        ds = fetch_dataset(name)
         print(f"{ds.spec.title}: {len(ds.train_labels)} train + {len(ds.test_labels)} test images, verified "
               f"(cache: {default_data_dir() / name})")
     return 0

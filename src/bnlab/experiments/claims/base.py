@@ -51,10 +51,11 @@ class ClaimContext:
     progress: bool = True
     datasets: dict[str, Dataset] = field(default_factory=dict)  # injected in tests; loaded lazily otherwise
     data_orders: set[str] = field(default_factory=set)  # of the arms trained so far
+    fetch: bool = False  # fetch a dataset missing from the cache (bnlab.data.fetch_dataset), as the command does
 
     def dataset(self, name: str) -> Dataset:
         if name not in self.datasets:
-            self.datasets[name] = load_dataset(name)
+            self.datasets[name] = load_dataset(name, allow_download=self.fetch, allow_registry=self.fetch)
         return self.datasets[name]
 
     def train(self, claim: str, arm: Arm, probes: tuple = (), start_from=None) -> dict:
