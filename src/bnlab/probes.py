@@ -11,6 +11,7 @@ are the same as without the probe). The web app reuses these probes.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -40,20 +41,31 @@ def probe_output(model: nn.Module, x: Tensor, *, train_mode: bool = True,
     captured: list[Tensor] = []
     hooks = [m.register_forward_hook(lambda mod, inputs, output: captured.append(inputs[0].detach()))
              for m in capture]
-    rng = torch.get_rng_state()
-    was_training = model.training
     try:
         state = {name: p for name, p in model.named_parameters()}
         state.update({name: b.clone() for name, b in model.named_buffers()})  # updates land in copies
-        model.train(train_mode)
-        with torch.no_grad():
+        with _probing(model, train_mode=train_mode), torch.no_grad():
             output = torch.func.functional_call(model, state, (x,))
     finally:
-        model.train(was_training)
-        torch.set_rng_state(rng)
         for h in hooks:
             h.remove()
     return output, captured
+
+
+@contextlib.contextmanager
+def _probing(*models: nn.Module, train_mode: bool):
+    """The one way a probe touches models: in ``train_mode`` for the block, then each back in the mode
+    it was in, and the global RNG (which dropout draws from) as it was, so training goes on as if the
+    probe had not run."""
+    modes = [m.training for m in models]
+    with torch.random.fork_rng(devices=[]):
+        try:
+            for m in models:
+                m.train(train_mode)
+            yield
+        finally:
+            for m, mode in zip(models, modes):
+                m.train(mode)
 
 
 def layer_input(model: nn.Module, kind: type[nn.Module], index: int = -1) -> nn.Module:
@@ -125,17 +137,12 @@ def gradient_ics(probe_x: Tensor, probe_y: Tensor, *, lr: float, layer_index: in
         names = [n for n, _ in model.named_parameters()]
         target_name = next(n for n, p in model.named_parameters() if p is target.weight)
         earlier = names[: names.index(target_name)]
-        rng, was_training = torch.get_rng_state(), model.training
-        try:
-            model.train()
+        with _probing(model, train_mode=True):
             params = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters()}
             buffers = lambda: {n: b.clone() for n, b in model.named_buffers()}  # noqa: E731
             grads = loss_and_grads(model, {**params, **buffers()}, earlier + [target_name])
             stepped = {n: (params[n] - lr * g).detach().requires_grad_(True) for n, g in zip(earlier, grads[:-1])}
             (after,) = loss_and_grads(model, {**params, **stepped, **buffers()}, [target_name])
-        finally:
-            model.train(was_training)
-            torch.set_rng_state(rng)
         before = grads[-1]
         l2, rel, cos = [], [], []
         for k in range(trainer.k):
@@ -173,12 +180,10 @@ def landscape(probe_x: Tensor, probe_y: Tensor, *, lr: float, multipliers: Seque
     """
 
     def probe(trainer) -> dict[str, Tensor]:
-        rng = torch.get_rng_state()
         out = {"loss_range": [], "grad_change": [], "beta_eff": []}
-        try:
-            for model in trainer.write_back():  # single models: per-model norms need no stacked slicing
-                was_training = model.training
-                model.train()
+        models = trainer.write_back()  # single models: per-model norms need no stacked slicing
+        with _probing(*models, train_mode=True):
+            for model in models:
                 params = dict(model.named_parameters())
                 loss0, g = _loss_and_grad(model, params, probe_x, probe_y)
                 g_flat = _flat(g)
@@ -191,12 +196,9 @@ def landscape(probe_x: Tensor, probe_y: Tensor, *, lr: float, multipliers: Seque
                     losses.append(loss)
                     changes.append(change)
                     betas.append(change / (eta * torch.linalg.vector_norm(g_flat)).clamp_min(1e-12))
-                model.train(was_training)
                 out["loss_range"].append(torch.stack(losses).max() - torch.stack(losses).min())
                 out["grad_change"].append(torch.stack(changes).max())
                 out["beta_eff"].append(torch.stack(betas).max())
-        finally:
-            torch.set_rng_state(rng)
         return {name: torch.stack(values) for name, values in out.items()}
 
     return probe
@@ -244,14 +246,10 @@ def loss_surface(model: nn.Module, x: Tensor, y: Tensor, *, radius: float = 1.0,
     coords = torch.linspace(-radius, radius, points)
     losses = torch.empty(points, points)
     buffers = dict(model.named_buffers())
-    was_training = model.training
-    model.eval()
-    try:
+    with _probing(model, train_mode=False):
         for i, a in enumerate(coords):
             for j, b in enumerate(coords):
                 state = {n: params[n] + a * d1[n] + b * d2[n] for n in params}
                 logits = torch.func.functional_call(model, {**state, **buffers}, (x,))
                 losses[i, j] = nn.functional.cross_entropy(logits, y)
-    finally:
-        model.train(was_training)
     return coords, losses
