@@ -99,10 +99,20 @@ def test_state_dict_without_num_batches_tracked_loads():
         layer.load_state_dict(state)  # only the counter is optional
 
 
-def test_pre_1_2_state_dict_without_version_loads():
-    state = dict(nn.BatchNorm1d(3).state_dict())  # a plain dict has no version metadata
+def test_pre_1_2_state_dict_without_version_loads_as_torch_loads_it():
+    source = nn.BatchNorm1d(3)
+    source(torch.randn(8, 3) * 3 + 1)  # running statistics away from their initial values
+    state = dict(source.state_dict())  # a plain dict has no version metadata: torch reads it as pre-1.2
     del state["num_batches_tracked"]
-    bnn.BatchNorm1d(3).load_state_dict(state)
+    theirs, ours = nn.BatchNorm1d(3), bnn.BatchNorm1d(3)
+    theirs.num_batches_tracked.fill_(5)
+    ours.num_batches_tracked.fill_(5)
+    theirs.load_state_dict(dict(state))
+    ours.load_state_dict(dict(state))
+    for name, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], value), name
+    assert ours.num_batches_tracked.item() == 5  # as torch: the counter keeps its value
+    torch.testing.assert_close(ours.running_mean, source.running_mean, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -149,8 +149,13 @@ def test_functional_errors_are_clear():
 
 
 def test_compute_stats_is_stable_for_large_offsets():
-    x = torch.randn(10000, 2, dtype=torch.float16).float() + 1e4
-    mean, var = BF.compute_stats(x.half(), [0])
+    """|mean| >> std: the one-pass E[x²] − E[x]² in float32 loses the variance here; the oracle is the
+    two-pass variance in float64 of the same half-precision values."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(10000, 2, generator=g) * 40 + 3e4).half()  # fp16 steps of 16 at 3e4: a spread of ~40
+    mean, var = BF.compute_stats(x, [0])
     assert mean.dtype == torch.float32
-    want_var = x.half().float().var(dim=0, unbiased=False)
-    torch.testing.assert_close(var, want_var, rtol=1e-3, atol=1e-3)
+    values = x.double().numpy()
+    torch.testing.assert_close(var.double(), torch.from_numpy(values.var(axis=0)), rtol=1e-4, atol=0)
+    naive = (x.float() ** 2).mean(0) - x.float().mean(0) ** 2  # the plausible bug this test must catch
+    assert not torch.allclose(naive.double(), torch.from_numpy(values.var(axis=0)), rtol=1e-4, atol=0)
