@@ -344,3 +344,52 @@ def _strict(text: str):
     def refuse(token):
         raise ValueError(f"non-standard JSON token {token}")
     return json.loads(text, parse_constant=refuse)
+
+
+def test_a_process_that_lost_its_lease_stops_and_leaves_the_new_holder_alone(tmp_path):
+    from bnlab.store import LeaseLost
+
+    store = RunStore(tmp_path / "runs.sqlite")
+    _, group, (run_id,) = store.claim_group("k", [("x", 0, {})], 10, "test")
+    store.heartbeat(group, steps_done=4)  # ours: fine
+    # another process takes the group over (runs resume --force elsewhere, or this one stalled)
+    store._db.execute("UPDATE runs SET pid = ?, heartbeat = ?", (os.getppid(), time.time()))
+    with pytest.raises(LeaseLost, match="taken over"):
+        store.heartbeat(group, steps_done=8)
+    store.mark(group, "finished", steps_done=8)  # what the old holder would do at its end: no effect
+    record = store.run(run_id)
+    assert (record.status, record.pid, record.steps_done) == ("running", os.getppid(), 4)
+    with pytest.raises(StoreError, match="empty run id"):
+        store.run("")
+
+
+def test_runs_left_running_by_an_older_bnlab_get_one_lease_period(tmp_path):
+    path = tmp_path / "runs.sqlite"
+    store = RunStore(path)
+    _, group, (run_id,) = store.claim_group("k", [("x", 0, {})], 10, "test")
+    store._db.execute("UPDATE runs SET host = 'another-machine'")
+    store._db.execute("ALTER TABLE runs DROP COLUMN heartbeat")  # as schema version 1 had it
+    store._db.execute("PRAGMA user_version = 1")
+    store.close()
+    migrated = RunStore(path).run(run_id)
+    assert migrated.heartbeat is not None and migrated.effective_status == "running"
+    RunStore(path)._db.execute("UPDATE runs SET heartbeat = ?", (time.time() - LEASE_SECONDS - 1,))
+    assert RunStore(path).run(run_id).effective_status == "interrupted"  # not a wait forever
+
+
+def test_a_checkpoint_that_cannot_be_read_for_a_passing_reason_is_not_called_damaged(tmp_path, monkeypatch):
+    from bnlab.train.engine import CheckpointDamaged, load_checkpoint_file
+
+    path = tmp_path / "c.pt"
+    torch.save({"model": {}}, path)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(engine_module.torch, "load", denied)
+    with pytest.raises(PermissionError):
+        load_checkpoint_file(path)
+    monkeypatch.undo()
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(CheckpointDamaged):
+        load_checkpoint_file(path)

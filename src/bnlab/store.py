@@ -41,7 +41,7 @@ from pathlib import Path
 from bnlab._paths import user_data_path
 from bnlab.errors import BnlabError
 
-__all__ = ["RunStore", "RunRecord", "default_store_path", "config_key", "StoreError", "DiskFullError",
+__all__ = ["RunStore", "RunRecord", "default_store_path", "config_key", "StoreError", "DiskFullError", "LeaseLost",
            "LEASE_SECONDS", "HEARTBEAT_SECONDS"]
 
 SCHEMA = """
@@ -91,6 +91,10 @@ class StoreError(BnlabError, RuntimeError):
 
 class DiskFullError(StoreError):
     """No space left for the store or a checkpoint; what is stored is intact and the job can resume."""
+
+
+class LeaseLost(StoreError):
+    """Another process has taken over the group this process was training."""
 
 
 def default_store_path() -> Path:
@@ -198,16 +202,23 @@ class RunStore:
             db.executescript(SCHEMA)
             return db
         uri = self.path.resolve().as_uri()
+        db = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None)
         try:
-            db = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None)
             _check_schema(db, self.path)
-        except sqlite3.OperationalError:
-            # a WAL store on a read-only mount cannot create its shared-memory file: read it as an
-            # immutable file (nobody can be writing to it there)
+        except sqlite3.OperationalError as exc:
+            db.close()
+            if "unable to open" not in str(exc) or _wal_pending(self.path):
+                raise  # locked, or changes only in the -wal file: never read a partial store as a whole one
+            # a WAL store on a read-only mount cannot create its shared-memory file; with no pending
+            # -wal content, the main file is the whole store: read it as an immutable file
             db = sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None)
             _check_schema(db, self.path)
-        if "runs" not in _tables(db):  # an empty SQLite file: an empty store, read without writing to it
-            db.executescript(_TEMP_SCHEMA)
+        if "runs" not in _tables(db):
+            if _wal_pending(self.path):
+                db.close()
+                raise StoreError(f"{self.path} has changes that only its -wal file holds and cannot be read "
+                                 "read-only here; open it once where it is writable")
+            db.executescript(_TEMP_SCHEMA)  # an empty SQLite file: an empty store, read without writing to it
         return db
 
     def _migrate(self) -> None:
@@ -230,6 +241,9 @@ class RunStore:
             columns = {row["name"] for row in self._db.execute("PRAGMA table_info(runs)")}
             if "heartbeat" not in columns:
                 self._db.execute("ALTER TABLE runs ADD COLUMN heartbeat REAL")
+                # a run an older bnlab left running gets one lease period from now: if it is still
+                # being trained it is not taken over at once; if not, it reads as interrupted after that
+                self._db.execute("UPDATE runs SET heartbeat = ? WHERE status = 'running'", (time.time(),))
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _migrate_configs(self) -> None:
@@ -323,15 +337,29 @@ class RunStore:
 
     def heartbeat(self, group_id: str, *, add_wall_seconds: float = 0.0, steps_done: int | None = None) -> None:
         """Renew this process's lease on a group it trains, bank the wall time since the last call
-        and, after a checkpoint, record how far the group durably is (``steps_done``)."""
+        and, after a checkpoint, record how far the group durably is (``steps_done``).
+
+        Raises :class:`LeaseLost` if another process has taken the group over (``runs resume --force``,
+        or this process stalled past :data:`LEASE_SECONDS`): the caller must stop writing to it."""
         with self._transaction():
-            self._db.execute(
+            changed = self._db.execute(
                 "UPDATE runs SET heartbeat = ?, wall_seconds = wall_seconds + ?, steps_done = COALESCE(?, steps_done)"
-                " WHERE group_id = ?", (time.time(), add_wall_seconds, steps_done, group_id))
+                " WHERE group_id = ? AND status = 'running' AND pid = ? AND host = ?",
+                (time.time(), add_wall_seconds, steps_done, group_id, os.getpid(), socket.gethostname())).rowcount
+        if not changed:
+            raise LeaseLost(f"group {group_id} was taken over by another process; this one stops training it")
+
+    def release(self, group_id: str) -> None:
+        """Mark a group interrupted whoever holds it (``runs resume --force``): its holder, if still
+        alive, stops at its next heartbeat."""
+        with self._transaction():
+            self._db.execute("UPDATE runs SET status = 'interrupted', heartbeat = NULL WHERE group_id = ?"
+                             " AND status = 'running'", (group_id,))
 
     def mark(self, group_id: str, status: str, *, steps_done: int | None = None,
              add_wall_seconds: float = 0.0) -> None:
-        """End this process's work on a group: ``interrupted``, ``failed`` or ``finished`` (the lease ends)."""
+        """End this process's work on a group: ``interrupted``, ``failed`` or ``finished`` (the lease ends).
+        A group another process has taken over meanwhile is left as that process has it."""
         if status not in STATUSES or status == "running":
             raise ValueError(f"unknown final status {status!r}; a group is claimed with claim_group")
         now = time.time()
@@ -340,8 +368,8 @@ class RunStore:
                 "UPDATE runs SET status = ?, wall_seconds = wall_seconds + ?,"
                 " steps_done = COALESCE(?, steps_done), heartbeat = NULL,"
                 " finished = CASE WHEN ? = 'finished' THEN ? ELSE finished END"
-                " WHERE group_id = ?",
-                (status, add_wall_seconds, steps_done, status, now, group_id),
+                " WHERE group_id = ? AND NOT (status = 'running' AND (pid IS NOT ? OR host IS NOT ?))",
+                (status, add_wall_seconds, steps_done, status, now, group_id, os.getpid(), socket.gethostname()),
             )
 
     def log_metrics(self, step: int, values: Iterable[tuple[str, str, float]]) -> None:
@@ -377,6 +405,8 @@ class RunStore:
 
     def run(self, run_id: str) -> RunRecord:
         """A run by id, or by a unique prefix of it (taken literally: no wildcards)."""
+        if not run_id:
+            raise StoreError("an empty run id matches nothing; see 'bnlab runs list'")
         rows = self._db.execute("SELECT * FROM runs WHERE substr(id, 1, ?) = ?", (len(run_id), run_id)).fetchall()
         if not rows:
             raise StoreError(f"no run with id {run_id!r} in {self.path} (see 'bnlab runs list')")
@@ -451,6 +481,12 @@ def disk_full_message(path: Path) -> str:
 
 def _disk_full(exc: BaseException) -> bool:
     return "disk is full" in str(exc) or getattr(exc, "errno", None) == errno.ENOSPC
+
+
+def _wal_pending(path: Path) -> bool:
+    """Whether a WAL store has committed changes that are still only in its -wal file."""
+    wal = path.with_name(path.name + "-wal")
+    return wal.exists() and wal.stat().st_size > 0
 
 
 def _tables(db: sqlite3.Connection) -> set[str]:

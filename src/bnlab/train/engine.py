@@ -19,9 +19,11 @@ import contextlib
 import errno
 import hashlib
 import os
+import pickle
 import shutil
 import signal
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,7 @@ from bnlab.data import Dataset
 from bnlab.errors import StopRequested
 from bnlab.models.fused import StackedConv2d, StackedLinear, StackedModel, per_model_cross_entropy
 from bnlab.models.spec import ModelSpec, build_model
-from bnlab.store import DiskFullError, disk_full_message
+from bnlab.store import DiskFullError, StoreError, disk_full_message
 from bnlab.train.config import TrainConfig
 from bnlab.train.mixed_precision import MasterWeightOptimizer, master_weight_kernels_available
 
@@ -137,7 +139,7 @@ def batch_order(data_seed: int, seed: int | None, epoch: int, n: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(key))
 
 
-class CheckpointDamaged(RuntimeError):
+class CheckpointDamaged(StoreError):
     """A checkpoint file cannot be read back (truncated, corrupt); the message names it."""
 
 
@@ -150,7 +152,9 @@ def load_checkpoint_file(path: Path) -> dict:
     """A checkpoint's state; :class:`CheckpointDamaged` if the file cannot be read back."""
     try:
         state = torch.load(path, weights_only=False)
-    except Exception as exc:  # a truncated zip, a bad pickle, garbage: whatever torch.load meets
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        # what a truncated zip, a bad pickle or garbage raises; an OSError (permissions, EIO) is no
+        # verdict on the file's content and propagates, so a good checkpoint is never given up for it
         raise CheckpointDamaged(f"checkpoint {path} is damaged ({type(exc).__name__})") from exc
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointDamaged(f"checkpoint {path} is damaged (not a bnlab checkpoint)")

@@ -27,7 +27,7 @@ from tqdm import tqdm
 import bnlab
 from bnlab.data import Dataset, load_dataset
 from bnlab.models.spec import ModelSpec
-from bnlab.store import HEARTBEAT_SECONDS, DiskFullError, RunStore, StoreError, config_key
+from bnlab.store import HEARTBEAT_SECONDS, DiskFullError, LeaseLost, RunStore, StoreError, config_key
 from bnlab.train.config import TrainConfig
 from bnlab.train.engine import (CheckpointDamaged, Probe, StackedTrainer, StopRequested, graceful_stop,
                                 load_checkpoint_file, prepare_data, previous_checkpoint)
@@ -197,13 +197,17 @@ def resume(store: RunStore, run_id: str, *, progress: bool = True, force: bool =
     if record.effective_status == "finished":
         raise StoreError(f"run {record.id} already finished; nothing to resume")
     if force and record.lease_live:
-        store.mark(record.group_id, "interrupted")
+        store.release(record.group_id)
     c = record.config
     if "start_from" in c:
         raise StoreError(f"run {record.id} was fine-tuned from group {c['start_from']['group']} "
                          f"({c['start_from']['prepare']}); rerun the command that made it to resume it")
-    return run_group(store, c["label"], ModelSpec.from_dict(c["model"]), TrainConfig.from_dict(c["train"]),
-                     c["seeds"], progress=progress)
+    try:
+        spec, cfg = ModelSpec.from_dict(c["model"]), TrainConfig.from_dict(c["train"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoreError(f"run {record.id} was made with settings this bnlab cannot rebuild ({exc}); "
+                         f"resume it with the bnlab that made it ({record.code_version})") from None
+    return run_group(store, c["label"], spec, cfg, c["seeds"], progress=progress)
 
 
 def trained_models(store: RunStore, group_id: str) -> list:
@@ -240,8 +244,9 @@ def _train(store: RunStore, trainer: StackedTrainer, group_id: str, run_ids: lis
             bar.set_postfix(test_acc=f"{metrics['test_acc'].mean():.4f}", refresh=False)
 
     def save(step: int) -> None:
+        bank()  # first: a process that lost the group must not overwrite the new holder's checkpoint
         trainer.save_checkpoint(checkpoint)
-        bank(steps_done=step)
+        store.heartbeat(group_id, steps_done=step)
 
     def advance(steps: int) -> None:
         bar.update(steps)
@@ -257,9 +262,12 @@ def _train(store: RunStore, trainer: StackedTrainer, group_id: str, run_ids: lis
         final = trainer.final_metrics()
         log(trainer.total_steps, final)
         trainer.timings["evaluation"] += time.perf_counter() - measuring
+        bank()
         saving = time.perf_counter()
         trainer.save_checkpoint(checkpoint)  # the trained models, for later inspection
         trainer.timings["checkpoints"] += time.perf_counter() - saving
+    except LeaseLost:
+        raise  # the group is another process's now: leave its rows alone
     except (StopRequested, KeyboardInterrupt, DiskFullError):
         # StopRequested saved a checkpoint at this step; a forced second Ctrl-C or a full disk
         # resumes from the last periodic one (the store's steps_done says which).
