@@ -168,13 +168,16 @@ class RunStore:
         self.readonly = readonly
         self._warned_locked = False
         try:
-            self._db = self._open_readonly() if readonly else self._open_writable(busy_timeout)
+            self._db = self._open_readonly() if readonly else self._connect_writable(busy_timeout)
             self._db.row_factory = sqlite3.Row
+            if not readonly:
+                self._write(lambda: self._db.executescript(SCHEMA))
+                self._migrate()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path} is not a usable bnlab run store ({exc}); "
                              "point --store/BNLAB_STORE at another file") from exc
 
-    def _open_writable(self, busy_timeout: float) -> sqlite3.Connection:
+    def _connect_writable(self, busy_timeout: float) -> sqlite3.Connection:
         if self.path.is_dir():
             raise StoreError(f"{self.path} is a directory; --store/BNLAB_STORE must name a file")
         try:
@@ -190,10 +193,6 @@ class RunStore:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         db.execute("PRAGMA synchronous=NORMAL")
-        self._db = db
-        db.row_factory = sqlite3.Row
-        self._write(lambda: db.executescript(SCHEMA))
-        self._migrate()
         return db
 
     def _open_readonly(self) -> sqlite3.Connection:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import time
 from pathlib import Path
 

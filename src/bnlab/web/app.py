@@ -24,7 +24,7 @@ from fastapi.staticfiles import StaticFiles
 
 from bnlab._json import dumps as strict_dumps, strict_json
 from bnlab.web.jobs import JobManager, TooManyJobs
-from bnlab.web.schema import MAX_MESSAGE_BYTES, ProtocolError, parse_message
+from bnlab.web.schema import ProtocolError, parse_message
 
 __all__ = ["create_app", "TICK_SECONDS", "dumps"]
 

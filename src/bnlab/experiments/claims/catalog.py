@@ -489,7 +489,6 @@ def _train_vs_eval(ctx: ClaimContext) -> ClaimResult:
         for b in EVAL_BATCHES:
             train_acc[b].append(_accuracy(forgot, data.test_x, data.test_y, b))
     drops = {b: welch_diff(eval_acc, train_acc[b]) for b in EVAL_BATCHES}
-    smallest = drops[EVAL_BATCHES[0]]
     numbers = {
         "eval_mode_acc": mean_ci(eval_acc).to_dict(),
         "train_mode_acc_by_eval_batch": {str(b): mean_ci(v).to_dict() for b, v in train_acc.items()},
