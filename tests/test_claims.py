@@ -8,8 +8,8 @@ import pytest
 
 from bnlab.cli.main import main
 from bnlab.experiments.claims import CLAIMS, ClaimContext, ClaimResult, Criterion
-from bnlab.experiments.claims import catalog
-from bnlab.report.claims_report import load_results, render_markdown, write_claims_report
+from bnlab.experiments.claims import architecture, protocols
+from bnlab.report.claims_report import draw_figures, load_results, render_markdown, write_claims_report
 from bnlab.stats import Interval
 from bnlab.store import RunStore, StoreError
 from bnlab.train.runner import resume
@@ -47,9 +47,9 @@ def test_the_two_verdicts_that_disagreed_with_their_printed_rule():
     """Issue 14: claim 7 (sigmoid before − after = −0.64 [−0.89, −0.39] points, margin 0.5) and claim 14
     (−0.13 [−0.34, +0.09] points, margin 0.2) were reported inconclusive though their rules say
     'not supported if the CI lies below the margin'."""
-    placement = catalog.PLACEMENT.verdict({"relu": [_iv(0.002, 0.009)], "sigmoid": [_iv(-0.0089, -0.0039)]})
+    placement = architecture.PLACEMENT.verdict({"relu": [_iv(0.002, 0.009)], "sigmoid": [_iv(-0.0089, -0.0039)]})
     assert placement[0] == "not supported" and "sigmoid" in placement[1]
-    assert catalog.OUTPUT_LAYER.verdict([_iv(-0.0034, 0.0009)])[0] == "not supported"
+    assert architecture.OUTPUT_LAYER.verdict([_iv(-0.0034, 0.0009)])[0] == "not supported"
 
 
 def _boundary_cases(test):
@@ -102,29 +102,32 @@ def test_every_claim_states_its_rule_and_anchor():
 @pytest.fixture
 def tiny_protocols(monkeypatch):
     """Shrink every protocol to seconds (smaller nets, a few steps); the claims' code paths are unchanged."""
-    monkeypatch.setattr(catalog, "PAPER_MLP", catalog.PAPER_MLP.with_(hidden=(16, 16)))
-    monkeypatch.setattr(catalog, "PAPER_SGD", catalog.PAPER_SGD.with_(batch_size=32, eval_every=4))
-    monkeypatch.setattr(catalog, "STEPS", {k: {"quick": 12, "full": 12} for k in catalog.STEPS})
+    monkeypatch.setattr(protocols, "PAPER_MLP", protocols.PAPER_MLP.with_(hidden=(16, 16)))
+    monkeypatch.setattr(protocols, "PAPER_SGD", protocols.PAPER_SGD.with_(batch_size=32, eval_every=4))
+    monkeypatch.setattr(protocols, "STEPS", {k: {"quick": 12, "full": 12} for k in protocols.STEPS})
     tiny_presets = {}
-    for name, preset in catalog.PRESETS.items():
+    for name, preset in protocols.PRESETS.items():
         model = {**preset["model"], "hidden": [16], "conv_channels": [4] if preset["model"].get("conv_channels") else []}
         train = {k: v for k, v in preset["train"].items() if k != "steps"}
         tiny_presets[name] = {**preset, "model": model, "train": {**train, "epochs": 1, "eval_every": 4}}
-    monkeypatch.setattr(catalog, "PRESETS", tiny_presets)
-    monkeypatch.setattr(catalog, "EVAL_BATCHES", (2, 50))
-    monkeypatch.setattr(catalog, "IOFFE_STEPS", {"quick": 60, "full": 60})
-    monkeypatch.setattr(catalog, "SMALL_BATCH_SAMPLES", {"quick": 32, "full": 32})
-    monkeypatch.setattr(catalog, "SMALL_BATCHES", (2, 8))
-    monkeypatch.setattr(catalog, "GHOST", {k: {"epochs": 1, "large": 64, "small": 16, "virtual": 16}
+    monkeypatch.setattr(protocols, "PRESETS", tiny_presets)
+    monkeypatch.setattr(protocols, "EVAL_BATCHES", (2, 50))
+    monkeypatch.setattr(protocols, "IOFFE_STEPS", {"quick": 60, "full": 60})
+    monkeypatch.setattr(protocols, "SMALL_BATCH_SAMPLES", {"quick": 32, "full": 32})
+    monkeypatch.setattr(protocols, "SMALL_BATCHES", (2, 8))
+    monkeypatch.setattr(protocols, "GHOST", {k: {"epochs": 1, "large": 64, "small": 16, "virtual": 16}
                                            for k in ("quick", "full")})
-    monkeypatch.setattr(catalog, "REGULARIZATION_EPOCHS", {"quick": 1, "full": 1})
-    monkeypatch.setattr(catalog, "ACCUMULATION_STEPS", {"quick": 6, "full": 6})
-    monkeypatch.setattr(catalog, "FINETUNE_STEPS", {"quick": 6, "full": 6})
-    monkeypatch.setattr(catalog, "REESTIMATE_BATCHES", 3)
-    monkeypatch.setattr(catalog, "IOFFE_THRESHOLD", {"quick": 0.5, "full": 0.5})
-    monkeypatch.setattr(catalog, "ICS_STEPS", {"quick": 60, "full": 60})
-    monkeypatch.setattr(catalog, "LANDSCAPE_STEPS", {"quick": 60, "full": 60})
-    monkeypatch.setattr(catalog, "SURFACE_POINTS", 3)
+    monkeypatch.setattr(protocols, "REGULARIZATION_EPOCHS", {"quick": 1, "full": 1})
+    monkeypatch.setattr(protocols, "ACCUMULATION_STEPS", {"quick": 6, "full": 6})
+    monkeypatch.setattr(protocols, "FINETUNE_STEPS", {"quick": 6, "full": 6})
+    monkeypatch.setattr(protocols, "REESTIMATE_BATCHES", 3)
+    monkeypatch.setattr(protocols, "IOFFE_THRESHOLD", {"quick": 0.5, "full": 0.5})
+    monkeypatch.setattr(protocols, "ICS_STEPS", {"quick": 60, "full": 60})
+    monkeypatch.setattr(protocols, "LANDSCAPE_STEPS", {"quick": 60, "full": 60})
+    monkeypatch.setattr(protocols, "SURFACE_POINTS", 3)
+    monkeypatch.setattr(protocols, "TRAIN_CURVE_EXAMPLES", 64)
+    monkeypatch.setattr(protocols, "LAG_TEST_EXAMPLES", 50)
+    monkeypatch.setattr(protocols, "LAG_REESTIMATE_BATCHES", 2)
 
 
 @pytest.mark.parametrize("name", sorted(CLAIMS))
@@ -137,12 +140,15 @@ def test_each_claim_runs_end_to_end_on_synthetic_data(name, tmp_path, tiny_proto
     # the verdict is the claim's rule applied to the numbers it reports, and the reason names its intervals
     assert (result.verdict, result.reason) == CLAIMS[name].verdict_rule.judge(result.numbers)
     assert result.protocol == "quick" and result.seeds == 2
-    assert all((tmp_path / "plots" / p.split("/")[-1]).exists() for p in result.plots)
+    # the figures are data, drawn by the report layer
+    drawn = draw_figures({name: result}, tmp_path / "plots")
+    assert result.figures and [p.name for p in drawn] == [f["file"] for f in result.figures]
+    assert all(p.stat().st_size > 1000 for p in drawn)
     path = tmp_path / "claims" / f"{name}.quick.json"
     saved = ClaimResult.load(path)
     json.loads(path.read_text(), parse_constant=lambda token: pytest.fail(f"bare {token} in {path.name}"))
-    assert (saved.verdict, saved.reason, saved.runs, saved.plots) == (result.verdict, result.reason, result.runs,
-                                                                       result.plots)
+    assert (saved.verdict, saved.reason, saved.runs, saved.figures) == (result.verdict, result.reason, result.runs,
+                                                                         result.figures)
     # a rerun reuses every finished arm, claim 11's fine-tuning runs included: no new runs appear
     before = len(store.runs())
     again = CLAIMS[name].execute(ctx)
@@ -194,7 +200,7 @@ def test_report_markdown_and_html(tmp_path, tiny_protocols):
     paths = write_claims_report(results, tmp_path / "report")
     assert (tmp_path / "report" / "output-layer.quick.png").exists()
     page = paths["html"].read_text()
-    assert "<table>" in page and '<img alt="output-layer" src="output-layer.quick.png">' in page
+    assert "<table>" in page and '<img alt="output-layer" src="data:image/png;base64,' in page  # self-contained
 
 
 def test_claims_cli(tmp_path, capsys, monkeypatch, tiny_protocols):
@@ -209,21 +215,6 @@ def test_claims_cli(tmp_path, capsys, monkeypatch, tiny_protocols):
     assert (tmp_path / "report" / "claims.md").exists()
     assert main(["claims", "run", "nonsense", "--store", store]) == 2
     assert "unknown claim 'nonsense'" in capsys.readouterr().err
-
-
-def test_reestimated_statistics_are_the_cumulative_average_of_the_batches():
-    import torch
-
-    import bnlab.nn as bnn
-
-    model = torch.nn.Sequential(bnn.BatchNorm1d(3, momentum=0.1))
-    x = torch.randn(2000, 3) * 2 + 5
-    catalog._reestimate_statistics(model, x, batches=40, batch_size=100)
-    g = torch.Generator().manual_seed(0)  # the same batches the helper draws
-    batches = [x[torch.randint(len(x), (100,), generator=g)] for _ in range(40)]
-    torch.testing.assert_close(model[0].running_mean, torch.stack([b.mean(0) for b in batches]).mean(0))
-    torch.testing.assert_close(model[0].running_var, torch.stack([b.var(0) for b in batches]).mean(0))
-    assert model[0].momentum == 0.1  # restored
 
 
 def test_stored_results_are_judged_again_by_the_rule_as_written(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -146,3 +147,56 @@ def test_loss_surface_center_is_the_models_loss():
     coords, losses = loss_surface(model, x, y, points=5)
     assert losses.shape == (5, 5) and coords[2] == 0
     torch.testing.assert_close(losses[2, 2], torch.nn.functional.cross_entropy(model(x), y))
+
+
+def test_landscape_at_matched_length_is_the_same_point_as_the_lr_step_of_that_length():
+    from bnlab.probes import landscape
+
+    spec = ModelSpec(hidden=(6,), activation="tanh", norm="batch")
+    trainer, data = _ics_trainer(spec, seeds=(0,))
+    x, y = data.test_x[:30], data.test_y[:30]
+    step = float(landscape(x, y, lr=0.1, multipliers=(1.0,))(trainer)["step_length"][0])
+    # the step length by hand: ‖lr·g‖ of the train-mode gradient
+    import copy
+    model = copy.deepcopy(trainer.write_back()[0]).train()
+    g = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y), list(model.parameters()))
+    assert step == pytest.approx(0.1 * float(torch.linalg.vector_norm(torch.cat([t.flatten() for t in g]))), rel=1e-4)
+    out = landscape(x, y, lr=0.1, multipliers=(1.0,), lengths=(step, 3 * step))(trainer)
+    one = landscape(x, y, lr=0.1, multipliers=(1.0,))(trainer)
+    three = landscape(x, y, lr=0.3, multipliers=(1.0,))(trainer)
+    # distance d along -g/‖g‖ is lr = d/‖g‖: the two lengths are the lr 0.1 and 0.3 steps
+    expected_range = max(float(one["loss_range"][0]), float(three["loss_range"][0]))
+    assert float(out["loss_range_at_length"][0]) == pytest.approx(expected_range, rel=1e-3, abs=1e-6)
+    expected_change = max(float(one["grad_change"][0]), float(three["grad_change"][0]))
+    assert float(out["grad_change_at_length"][0]) == pytest.approx(expected_change, rel=1e-3)
+
+
+def test_accuracy_by_statistics_against_hand_computed_evaluations():
+    import copy
+
+    from bnlab.probes import accuracy_by_statistics, eval_accuracy
+
+    spec = ModelSpec(hidden=(12, 8), activation="relu", norm="batch", norm_convention="keras")
+    trainer, data = _ics_trainer(spec)
+    trainer.run()
+    x, y = data.test_x[:60], data.test_y[:60]
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    rng = torch.get_rng_state()
+    # precise statistics from one batch that is the whole evaluation set equal that batch's statistics
+    # (Keras' convention stores the biased variance, as batch statistics use): the two must agree exactly
+    out = accuracy_by_statistics(x, y, batch_size=60, reestimate_x=x, reestimate_batches=1)(trainer)
+    assert torch.equal(out["acc_precise"], out["acc_batch_stats"])
+    running = eval_accuracy(x, y, name="acc")(trainer)["acc"]
+    torch.testing.assert_close(out["acc_running"], running)
+    for k, model in enumerate(trainer.write_back()):
+        hand = copy.deepcopy(model).eval()
+        assert float(running[k]) == pytest.approx(float((hand(x).argmax(1) == y).double().mean()))
+        hand.train()  # no dropout in this net: train mode is batch statistics only
+        batch_acc = sum(int((hand(x[i:i + 20]).argmax(1) == y[i:i + 20]).sum()) for i in range(0, 60, 20)) / 60
+        small = accuracy_by_statistics(x, y, batch_size=20, reestimate_x=x, reestimate_batches=3)(trainer)
+        assert float(small["acc_batch_stats"][k]) == pytest.approx(batch_acc)
+    assert torch.equal(torch.get_rng_state(), rng)
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(ValueError, match="fewer than 5 batches"):
+        accuracy_by_statistics(x, y, batch_size=20, reestimate_x=x, reestimate_batches=5)

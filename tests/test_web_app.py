@@ -78,6 +78,23 @@ def test_results_routes_read_the_store_and_serve_listed_plots_only(client, store
         assert client.get(bad).status_code == 404, bad
 
 
+def test_claim_figures_are_drawn_from_their_data_and_the_report_page_stands_alone(client, store_path):
+    from bnlab.experiments.claims.base import figure
+
+    series = {"BN": [[1, {"mean": 0.9, "low": 0.88, "high": 0.92}], [10, {"mean": 0.97, "low": 0.96, "high": 0.98}]]}
+    ClaimResult(claim="higher-lr", protocol="full", protocol_text="p", seeds=5, statistic="s", numbers={},
+                verdict="supported", reason="r", plots=[], runs={}, wall_seconds=1.0,
+                figures=[figure("higher-lr.full.png", "lines_with_ci", series=series, title="t", xlabel="x",
+                                ylabel="y")]).save(store_path.parent / "claims")
+    claims = {c["name"]: c for c in client.get("/api/claims").json()["claims"]}
+    assert claims["higher-lr"]["plots"] == 1
+    plot = client.get("/api/claims/higher-lr/plots/0")
+    assert plot.status_code == 200 and plot.content.startswith(b"\x89PNG") and len(plot.content) > 1000
+    page = client.get("/claims/report")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<img alt="higher-lr" src="data:image/png;base64,' in page.text and "| 2 |" not in page.text
+
+
 def test_an_empty_store_is_not_created(tmp_path):
     path = tmp_path / "nothing" / "runs.sqlite"
     with TestClient(create_app(JobManager(threads=1), store_path=path)) as c:

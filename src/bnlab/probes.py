@@ -12,13 +12,16 @@ are the same as without the probe). The web app reuses these probes.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from bnlab.tools import recompute_bn_stats
+
 __all__ = ["probe_forward", "probe_output", "preactivation_percentiles", "layer_input", "gradient_ics", "landscape",
-           "loss_surface", "filter_normalized_directions"]
+           "loss_surface", "filter_normalized_directions", "eval_accuracy", "accuracy_by_statistics"]
 
 
 def probe_forward(model: nn.Module, x: Tensor, *, train_mode: bool = True,
@@ -170,35 +173,55 @@ def _flat(tensors: dict[str, Tensor]) -> Tensor:
     return torch.cat([t.flatten() for t in tensors.values()])
 
 
-def landscape(probe_x: Tensor, probe_y: Tensor, *, lr: float, multipliers: Sequence[float] = (0.5, 1, 2, 4)):
+def landscape(probe_x: Tensor, probe_y: Tensor, *, lr: float, multipliers: Sequence[float] = (0.5, 1, 2, 4),
+              lengths: Sequence[float] = ()):
     """A probe: Santurkar et al.'s §3.2 measurements along the gradient, per model.
 
     With g the gradient on a fixed batch and θ_η = θ − η·g for η = lr × each multiplier:
     ``loss_range`` = max − min of L(θ_η); ``grad_change`` = max ‖∇L(θ_η) − g‖ (gradient
     predictiveness: small is predictive); ``beta_eff`` = max ‖∇L(θ_η) − g‖ / ‖η·g‖ (effective
-    smoothness). Batch norm runs in train mode on copies of its buffers; the RNG is restored.
+    smoothness); ``step_length`` = ‖lr·g‖, how far one SGD step moves the weights.
+
+    Matched η compares the two networks at the same learning rate, so a network whose gradient is
+    small also moves less. ``lengths`` adds the same measurement at matched *distances*:
+    θ_d = θ − d·g/‖g‖ for each d, giving ``loss_range_at_length`` and ``grad_change_at_length``.
+    Batch norm runs in train mode on copies of its buffers; the RNG is restored.
     """
 
+    def along_gradient(model, params, g, loss0, steps):
+        """Loss range and largest gradient change over θ − s·g for each scale s in ``steps``."""
+        g_flat = _flat(g)
+        losses, changes, betas = [loss0], [], []
+        for s in steps:
+            moved = {n: p.detach() - s * g[n] for n, p in params.items()}
+            loss, grad = _loss_and_grad(model, moved, probe_x, probe_y)
+            change = torch.linalg.vector_norm(_flat(grad) - g_flat)
+            losses.append(loss)
+            changes.append(change)
+            betas.append(change / (s * torch.linalg.vector_norm(g_flat)).clamp_min(1e-12))
+        losses = torch.stack(losses)
+        return losses.max() - losses.min(), torch.stack(changes).max(), torch.stack(betas).max()
+
     def probe(trainer) -> dict[str, Tensor]:
-        out = {"loss_range": [], "grad_change": [], "beta_eff": []}
+        out = {"loss_range": [], "grad_change": [], "beta_eff": [], "step_length": []}
+        if lengths:
+            out.update(loss_range_at_length=[], grad_change_at_length=[])
         models = trainer.write_back()  # single models: per-model norms need no stacked slicing
         with _probing(*models, train_mode=True):
             for model in models:
                 params = dict(model.named_parameters())
                 loss0, g = _loss_and_grad(model, params, probe_x, probe_y)
-                g_flat = _flat(g)
-                losses, changes, betas = [loss0], [], []
-                for m in multipliers:
-                    eta = lr * m
-                    moved = {n: p.detach() - eta * g[n] for n, p in params.items()}
-                    loss, grad = _loss_and_grad(model, moved, probe_x, probe_y)
-                    change = torch.linalg.vector_norm(_flat(grad) - g_flat)
-                    losses.append(loss)
-                    changes.append(change)
-                    betas.append(change / (eta * torch.linalg.vector_norm(g_flat)).clamp_min(1e-12))
-                out["loss_range"].append(torch.stack(losses).max() - torch.stack(losses).min())
-                out["grad_change"].append(torch.stack(changes).max())
-                out["beta_eff"].append(torch.stack(betas).max())
+                g_norm = torch.linalg.vector_norm(_flat(g))
+                loss_range, change, beta = along_gradient(model, params, g, loss0, [lr * m for m in multipliers])
+                out["loss_range"].append(loss_range)
+                out["grad_change"].append(change)
+                out["beta_eff"].append(beta)
+                out["step_length"].append(lr * g_norm)
+                if lengths:
+                    scales = [d / g_norm.clamp_min(1e-12) for d in lengths]
+                    loss_range, change, _ = along_gradient(model, params, g, loss0, scales)
+                    out["loss_range_at_length"].append(loss_range)
+                    out["grad_change_at_length"].append(change)
         return {name: torch.stack(values) for name, values in out.items()}
 
     return probe
@@ -253,3 +276,67 @@ def loss_surface(model: nn.Module, x: Tensor, y: Tensor, *, radius: float = 1.0,
                 logits = torch.func.functional_call(model, {**state, **buffers}, (x,))
                 losses[i, j] = nn.functional.cross_entropy(logits, y)
     return coords, losses
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, x: Tensor, y: Tensor, chunk: int) -> Tensor:
+    """Per-model accuracy of ``model`` as it is (its modes untouched): ``(K,)`` for a stacked model's
+    ``(B, K, classes)`` logits, ``(1,)`` for a single model's ``(B, classes)``."""
+    correct = 0
+    for start in range(0, len(x), chunk):
+        logits = model(x[start : start + chunk])
+        target = y[start : start + chunk]
+        hits = logits.argmax(-1) == (target.unsqueeze(1) if logits.dim() == 3 else target)
+        correct = correct + (hits.sum(0) if logits.dim() == 3 else hits.sum().unsqueeze(0))
+    return correct.double() / len(x)
+
+
+def eval_accuracy(x: Tensor, y: Tensor, *, name: str, chunk: int = 1000):
+    """A probe: accuracy in eval mode (running statistics, no dropout) on fixed examples, as metric ``name``.
+
+    E.g. the training-set accuracy over training, to draw the train–test gap as a curve.
+    """
+
+    def probe(trainer) -> dict[str, Tensor]:
+        model = trainer.model
+        with _probing(model, train_mode=False):
+            return {name: _accuracy(model, x, y, chunk)}
+
+    return probe
+
+
+def _batch_norms_only_in_train_mode(model: nn.Module) -> nn.Module:
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
+    return model
+
+
+def accuracy_by_statistics(x: Tensor, y: Tensor, *, batch_size: int, reestimate_x: Tensor, reestimate_batches: int):
+    """A probe: the accuracy on ``x`` of the same weights with three sources of batch-norm statistics.
+
+    - ``acc_running``: eval mode, the running averages (what ``model.eval()`` uses);
+    - ``acc_batch_stats``: each batch norm normalizes with the statistics of the evaluation batch
+      (``batch_size`` examples at a time; every other module in eval mode);
+    - ``acc_precise``: running statistics re-estimated (:func:`bnlab.tools.recompute_bn_stats`) on
+      the first ``reestimate_batches`` batches of ``batch_size`` rows of ``reestimate_x``, then eval mode.
+
+    If the three agree, the running averages are as good as the weights allow; if ``acc_running``
+    lags the other two, the moving average has not caught up with the weights. Everything runs
+    on copies of the model, so training goes on as if the probe had not run.
+    """
+    reestimate = [reestimate_x[i * batch_size : (i + 1) * batch_size] for i in range(reestimate_batches)]
+    if len(reestimate[-1]) < batch_size:
+        raise ValueError(f"reestimate_x has fewer than {reestimate_batches} batches of {batch_size} rows")
+
+    def probe(trainer) -> dict[str, Tensor]:
+        with _probing(trainer.model, train_mode=False):
+            running = _accuracy(trainer.model, x, y, 1000)
+            batch_stats = _accuracy(_batch_norms_only_in_train_mode(copy.deepcopy(trainer.model)), x, y, batch_size)
+            precise = copy.deepcopy(trainer.model)
+            recompute_bn_stats(precise, reestimate)
+            precise_acc = _accuracy(precise.eval(), x, y, 1000)
+        return {"acc_running": running, "acc_batch_stats": batch_stats, "acc_precise": precise_acc}
+
+    return probe

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from bnlab.cli.common import add_store_option, open_store, output_dir, positive_int
@@ -27,9 +28,28 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=_dispatch)
 
 
+def _expected_seconds(results_dir: Path, name: str, protocol: str, seeds: int) -> float | None:
+    """The wall time of this claim's last run at this protocol, scaled to ``seeds`` (the stacked engine
+    trains the seeds of an arm together, so this errs high), or None if it never ran."""
+    from bnlab.experiments.claims import ClaimResult
+
+    path = results_dir / f"{name}.{protocol}.json"
+    if not path.is_file():
+        return None
+    try:
+        last = ClaimResult.load(path)
+    except (ValueError, TypeError, OSError):
+        return None
+    return last.wall_seconds * max(1.0, seeds / max(1, last.seeds))
+
+
+def _clock(seconds: float) -> str:
+    return time.strftime("%H:%M", time.localtime(time.time() + seconds))
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from bnlab.experiments.claims import CLAIMS, DEFAULT_SEEDS, ClaimContext
-    from bnlab.report.claims_report import load_results, write_claims_report
+    from bnlab.report.claims_report import draw_figures, load_results, write_claims_report
 
     if args.claims_command in ("run", "report"):
         output_dir(args.out)
@@ -55,9 +75,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         seeds = args.seeds or DEFAULT_SEEDS[protocol]
         ctx = ClaimContext(store=store, quick=args.quick, seeds=seeds, out_dir=args.out, fetch=True,
                            progress=not args.no_progress)
-        for name in names:
+        for position, name in enumerate(names, 1):
+            expected = _expected_seconds(results_dir, name, protocol, seeds)
+            eta = (f"the last run took {expected / 60:.0f} min: done about {_clock(expected)}" if expected is not None
+                   else "first run here: each arm's bar shows its own ETA")
+            print(f"[{position}/{len(names)}] {CLAIMS[name].number}. {name} ({protocol}, {seeds} seeds): {eta}",
+                  flush=True)
             result = CLAIMS[name].execute(ctx)
+            draw_figures({name: result}, args.out)
             print(f"{CLAIMS[name].number:>2}. {name}: {result.verdict} ({protocol}, {seeds} seeds, "
-                  f"{result.wall_seconds:.0f} s) because {result.reason}")
+                  f"{result.wall_seconds:.0f} s) because {result.reason}", flush=True)
         print("write the report with: bnlab claims report")
     return 0

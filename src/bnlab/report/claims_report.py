@@ -1,14 +1,20 @@
-"""The claims report: one section per claim (wording, protocol, numbers, verdict, plots, anchor), as Markdown and HTML."""
+"""The claims report: a summary table, then one section per claim (wording, rule, anchor beside our
+number, protocol, numbers, verdict, figures), as Markdown and as one self-contained HTML page."""
 
 from __future__ import annotations
 
+import base64
 import html
+import math
+import re
 import shutil
 from pathlib import Path
 
-from bnlab.experiments.claims import CLAIMS, ClaimResult
+from bnlab.experiments.claims import CLAIMS, Claim, ClaimResult
+from bnlab.report.plots import draw
+from bnlab.stats import Interval
 
-__all__ = ["load_results", "write_claims_report", "render_markdown"]
+__all__ = ["load_results", "write_claims_report", "render_markdown", "draw_figures", "seeds_needed"]
 
 
 def load_results(directory: Path) -> dict[str, ClaimResult]:
@@ -44,67 +50,150 @@ def _number_lines(numbers: dict, indent: int = 0) -> list[str]:
     return lines
 
 
+def _intervals(claim: Claim, result: ClaimResult) -> list[tuple[str, object, Interval]]:
+    """``(condition, criterion, interval)`` for every test of the claim's rule on the result's numbers."""
+    rule = claim.verdict_rule
+    try:
+        evidence = rule.evidence(result.numbers)
+    except (KeyError, TypeError, ValueError):
+        return []
+    cases = evidence if rule.each else {"": evidence}
+    return [(condition, test, iv if isinstance(iv, Interval) else Interval.from_dict(iv))
+            for condition, ivs in cases.items() for test, iv in zip(rule.tests, ivs)]
+
+
+def _effect(test, iv: Interval) -> str:
+    if iv.n < 2 or math.isnan(iv.low):
+        return f"{iv.mean * test.scale:+.3g} (n = {iv.n})"
+    unit = f" {test.unit}" if test.unit else ""
+    return f"{iv.mean * test.scale:+.3g} [{iv.low * test.scale:+.3g}, {iv.high * test.scale:+.3g}]{unit}"
+
+
+def seeds_needed(test, iv: Interval) -> int | None:
+    """For an interval that straddles a boundary of ``test``: about how many seeds per arm would make it
+    clear the nearest boundary at the observed mean and spread (the half-width shrinks as 1/√n; the
+    t quantile's own shrinking is ignored, so this errs high). None when the interval already decides."""
+    if iv.n < 2 or math.isnan(iv.low) or test.outcome(iv) != "inconclusive":
+        return None
+    edges = [test.margin] if test.kind == "exceeds" else [-test.margin, test.margin]
+    distance = min(abs(iv.mean - e) for e in edges)
+    half = (iv.high - iv.low) / 2
+    if distance == 0:
+        return None  # the mean sits on the boundary: no number of seeds is expected to decide it
+    return max(iv.n + 1, math.ceil(iv.n * (half / distance) ** 2))
+
+
+def _ordered() -> list[Claim]:
+    return sorted(CLAIMS.values(), key=lambda c: c.number)
+
+
 def render_markdown(results: dict[str, ClaimResult], plot_prefix: str = "") -> str:
     lines = ["# Claims about batch normalization, measured", "",
              "Each claim from the seed tutorials is an experiment with a fixed protocol, several seeds, a 95% "
              "confidence interval and a verdict rule written down before the run (`bnlab claims list`). "
-             "Intervals are shown as mean [low, high] (n seeds).", "",
-             "| # | claim | protocol | verdict |", "|---|---|---|---|"]
-    for claim in sorted(CLAIMS.values(), key=lambda c: c.number):
+             "Intervals are shown as mean [low, high] (n seeds). The effect column shows the interval(s) the "
+             "rule judges; follow-ups explain a claim's surprising result with an experiment of their own.", "",
+             "| # | claim | verdict | effect (95% CI) | seeds | protocol |", "|---|---|---|---|---|---|"]
+    for claim in _ordered():
         r = results.get(claim.name)
-        verdict = f"**{r.verdict}**" if r else "not run yet"
-        if r and r.earlier_verdict:
-            verdict += f" (was {r.earlier_verdict})"
-        lines.append(f"| {claim.number} | {claim.title} (`{claim.name}`) | {r.protocol if r else '-'} | {verdict} |")
-    changed = [(claim, results[claim.name]) for claim in sorted(CLAIMS.values(), key=lambda c: c.number)
+        if r is None:
+            lines.append(f"| {claim.number} | {claim.title} (`{claim.name}`) | not run yet | | | |")
+            continue
+        verdict = f"**{r.verdict}**" + (f" (was {r.earlier_verdict})" if r.earlier_verdict else "")
+        effects = "; ".join((f"{c}: " if c else "") + _effect(t, iv) for c, t, iv in _intervals(claim, r))
+        lines.append(f"| {claim.number} | {claim.title} (`{claim.name}`) | {verdict} | {effects} | {r.seeds} "
+                     f"| {r.protocol} |")
+    changed = [(claim, results[claim.name]) for claim in _ordered()
                if claim.name in results and results[claim.name].earlier_verdict]
     if changed:
         lines += ["", "**Changes.** Verdicts re-derived from the stored intervals by each claim's rule as written "
                   "(the rule's text and its verdict now come from one definition, `bnlab.experiments.claims.Rule`):", ""]
         lines += [f"- {c.number}. {c.title}: **{r.verdict}**, was {r.earlier_verdict}." for c, r in changed]
-    for claim in sorted(CLAIMS.values(), key=lambda c: c.number):
-        r = results.get(claim.name)
-        lines += ["", f"## {claim.number}. {claim.title}", "", f"*What the seeds say:* {claim.seed_wording}.", "",
-                  f"*Verdict rule (fixed before running):* {claim.rule}.", "",
-                  f"*Published anchor:* {claim.anchor}."]
-        if r is None:
-            lines += ["", "Not run yet: `bnlab claims run " + claim.name + "`."]
-            continue
-        batches = ("each seed drew its own batch order" if r.data_order == "per_seed" else
-                   "all seeds saw the same batches (made before per-seed batch orders), so the intervals "
-                   "cover initialization and dropout only")
-        lines += ["", f"*Protocol ({r.protocol}, {r.seeds} seeds; {batches}):* {r.protocol_text}.", "",
-                  f"*Statistic:* {r.statistic}.", "", *_number_lines(r.numbers), "",
-                  f"**Verdict: {r.verdict}**, because {r.reason}."
-                  + (f" (The stored result said *{r.earlier_verdict}*; re-derived by the rule as written.)"
-                     if r.earlier_verdict else ""), ""]
-        lines += [f"![{claim.name}]({plot_prefix}{Path(p).name})" for p in r.plots]
-        lines += ["", f"<sub>{r.wall_seconds:.0f} s, {r.code_version}</sub>"]
+    for claim in _ordered():
+        lines += ["", *_section(claim, results.get(claim.name), results, plot_prefix)]
     return "\n".join(lines) + "\n"
 
 
-def write_claims_report(results: dict[str, ClaimResult], out_dir: Path) -> dict[str, Path]:
-    """Write ``claims.md``, ``index.html`` and copies of the plots into ``out_dir``."""
+def _section(claim: Claim, r: ClaimResult | None, results: dict[str, ClaimResult], plot_prefix: str) -> list[str]:
+    lines = [f"## {claim.number}. {claim.title}", "", f"*What the seeds say:* {claim.seed_wording}."
+             if not claim.follows else f"*What it follows up:* {claim.seed_wording}.", "",
+             f"*Verdict rule (fixed before running):* {claim.rule}.", "", f"*Published anchor:* {claim.anchor}."]
+    if r is not None and claim.ours_vs_anchor is not None:
+        try:
+            lines += ["", f"*Ours beside it:* {claim.ours_vs_anchor(r.numbers)}."]
+        except (KeyError, TypeError, ValueError, IndexError):
+            pass  # a stored result laid out differently: its numbers are listed below
+    for follow_up in (c for c in _ordered() if c.follows == claim.name):
+        done = results.get(follow_up.name)
+        lines += ["", f"*Follow-up:* claim {follow_up.number}, {follow_up.title} (`{follow_up.name}`): "
+                  + (f"**{done.verdict}** ({done.reason})." if done else "not run yet.")]
+    if r is None:
+        return lines + ["", "Not run yet: `bnlab claims run " + claim.name + "`."]
+    batches = ("each seed drew its own batch order" if r.data_order == "per_seed" else
+               "all seeds saw the same batches (made before per-seed batch orders), so the intervals "
+               "cover initialization and dropout only")
+    lines += ["", f"*Protocol ({r.protocol}, {r.seeds} seeds; {batches}):* {r.protocol_text}.", "",
+              f"*Statistic:* {r.statistic}.", "", *_number_lines(r.numbers), "",
+              f"**Verdict: {r.verdict}**, because {r.reason}."
+              + (f" (The stored result said *{r.earlier_verdict}*; re-derived by the rule as written.)"
+                 if r.earlier_verdict else "")]
+    needs = [(c, t, iv, seeds_needed(t, iv)) for c, t, iv in _intervals(claim, r)]
+    needs = [(c, t, n) for c, t, iv, n in needs if n is not None]
+    if needs:
+        lines += ["", "*Seeds the CI width needs:* " + "; ".join(
+            f"{(c + ', ') if c else ''}{t.effect}: about {n} per arm at the observed mean and spread" for c, t, n in needs)
+            + "."]
+    lines += [""] + [f"![{claim.name}]({plot_prefix}{name})" for name in _figure_files(r)]
+    return lines + ["", f"<sub>{r.wall_seconds:.0f} s, {r.code_version}</sub>"]
+
+
+def _figure_files(r: ClaimResult) -> list[str]:
+    return [Path(p).name for p in r.plots] + [f["file"] for f in r.figures]
+
+
+def draw_figures(results: dict[str, ClaimResult], out_dir: Path) -> list[Path]:
+    """Draw every figure of ``results`` into ``out_dir`` (results stored before figures were data bring
+    their image files, which are copied)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    drawn = []
     for r in results.values():
         for plot in r.plots:
             if Path(plot).exists() and Path(plot).resolve().parent != out_dir.resolve():
                 shutil.copy(plot, out_dir / Path(plot).name)
+        drawn += [draw(spec, out_dir) for spec in r.figures]
+    return drawn
+
+
+def write_claims_report(results: dict[str, ClaimResult], out_dir: Path) -> dict[str, Path]:
+    """Write ``claims.md`` with its figures (PNG files beside it) and ``index.html``, one self-contained
+    page with the figures inline, into ``out_dir``."""
+    draw_figures(results, out_dir)
     markdown = render_markdown(results)
     md_path = out_dir / "claims.md"
     md_path.write_text(markdown)
     html_path = out_dir / "index.html"
-    html_path.write_text(_html(markdown))
+    html_path.write_text(render_html(markdown, out_dir))
     return {"markdown": md_path, "html": html_path}
 
 
-def _html(markdown: str) -> str:
-    """A plain HTML rendering of the Markdown above (headings, tables, lists, images, emphasis)."""
-    import re
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def render_html(markdown: str, image_dir: Path | None = None) -> str:
+    """A plain HTML rendering of the Markdown above (headings, tables, lists, images, emphasis); images
+    found in ``image_dir`` are embedded as data URIs, so the page stands alone."""
+
+    def image(match: re.Match) -> str:
+        alt, src = match.group(1), match.group(2)
+        path = image_dir / html.unescape(src) if image_dir is not None else None
+        if path is not None and path.is_file():
+            src = _data_uri(path)
+        return f'<img alt="{alt}" src="{src}">'
 
     def inline(text: str) -> str:
         text = html.escape(text)
-        text = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", r'<img alt="\1" src="\2">', text)
+        text = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", image, text)
         text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
         text = re.sub(r"\*(.+?)\*", r"<em>\1</em>", text)
         text = re.sub(r"`(.+?)`", r"<code>\1</code>", text)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from bnlab._json import dumps
-from bnlab.experiments.plots import figure
+from bnlab.report.plots import figure
 from bnlab.stats import mean_ci
 
 __all__ = ["format_table", "write_report", "plot_curves"]

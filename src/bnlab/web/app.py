@@ -4,6 +4,7 @@ Routes (nothing reads or writes a path taken from a request):
 
 * ``GET /`` and ``GET /static/...``: the page and its assets, from the package;
 * ``GET /api/runs``, ``GET /api/runs/{run_id}``: runs in the run store and one run's series;
+* ``GET /claims/report``: the claims report as one self-contained HTML page.
 * ``GET /api/claims``, ``GET /api/claims/{name}/plots/{index}``: the latest claim verdicts, and the
   ``index``-th plot of a claim's result, found through the result file, never through the URL;
 * ``WS /ws``: one training session per connection (:mod:`bnlab.web.schema` is the protocol).
@@ -19,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, WebSocket, WebSocketDisconnect
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from bnlab._json import dumps as strict_dumps, strict_json
@@ -88,6 +89,10 @@ def create_app(manager: JobManager | None = None, *, store_path: Path | None = N
             raise HTTPException(404, "no such claim")
         path = await asyncio.to_thread(_claim_plot, store_path, name, index)
         return FileResponse(path, media_type="image/png")
+
+    @app.get("/claims/report")
+    async def claims_report():
+        return HTMLResponse(await asyncio.to_thread(_claims_report, store_path))
 
     @app.websocket("/ws")
     async def session(socket: WebSocket):
@@ -198,11 +203,16 @@ def _run_series(store_path: Path | None, run_id: str) -> JSONResponse:
     return JSONResponse(strict_json(body))
 
 
-def _claims_results(store_path: Path | None):
-    from bnlab.report.claims_report import load_results
+def _claims_directory(store_path: Path | None) -> Path:
     from bnlab.store import default_store_path
 
-    directory = (Path(store_path) if store_path is not None else default_store_path()).parent / "claims"
+    return (Path(store_path) if store_path is not None else default_store_path()).parent / "claims"
+
+
+def _claims_results(store_path: Path | None):
+    from bnlab.report.claims_report import load_results
+
+    directory = _claims_directory(store_path)
     return load_results(directory) if directory.is_dir() else {}
 
 
@@ -218,17 +228,39 @@ def _claims(store_path: Path | None) -> JSONResponse:
                      "verdict": r.verdict if r else None, "reason": r.reason if r else None,
                      "protocol": r.protocol if r else None, "seeds": r.seeds if r else None,
                      "statistic": r.statistic if r else None,
-                     "plots": len(_plots(r))})
+                     "plots": len(_plots(r, _claims_directory(store_path), draw=False))})
     return JSONResponse(strict_json({"claims": rows}))
 
 
-def _plots(result) -> list[Path]:
-    """The PNG plots a claim result lists that exist (relative paths are from where it was run)."""
-    return [Path(p) for p in (result.plots if result else []) if p.endswith(".png") and Path(p).is_file()]
+def _plots(result, directory: Path, draw: bool = True) -> list[Path]:
+    """The PNG plots of a claim result: image files that results made before figures were data list
+    (relative paths are from where it was run), then its figures, drawn once into ``directory/figures``
+    (again when the result is newer than the drawing). ``draw=False`` only names them."""
+    from bnlab.report.plots import draw as draw_figure
+
+    if result is None:
+        return []
+    files = [Path(p) for p in result.plots if p.endswith(".png") and Path(p).is_file()]
+    cache = directory / "figures"
+    stored = directory / f"{result.claim}.{result.protocol}.json"
+    for spec in result.figures:
+        path = cache / spec["file"]
+        if draw and (not path.is_file() or (stored.is_file() and stored.stat().st_mtime > path.stat().st_mtime)):
+            draw_figure(spec, cache)
+        files.append(path)
+    return files
+
+
+def _claims_report(store_path: Path | None) -> str:
+    """The claims report as one self-contained page (``bnlab claims report`` writes the same page)."""
+    from bnlab.report.claims_report import write_claims_report
+
+    paths = write_claims_report(_claims_results(store_path), _claims_directory(store_path) / "figures")
+    return paths["html"].read_text()
 
 
 def _claim_plot(store_path: Path | None, name: str, index: int) -> Path:
-    plots = _plots(_claims_results(store_path).get(name))
+    plots = _plots(_claims_results(store_path).get(name), _claims_directory(store_path))
     if not 0 <= index < len(plots):
         raise HTTPException(404, "no such plot")
     return plots[index]

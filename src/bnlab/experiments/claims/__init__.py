@@ -3,10 +3,15 @@
 ``CLAIMS`` maps a name to its :class:`Claim`; ``claim.execute(ctx)`` runs it (training
 through the run store, so finished arms are reused and interrupted ones resume) and
 saves its :class:`ClaimResult` as JSON beside the store.
+
+Layout: ``base`` (claim, rule, result, context), ``protocols`` (every size, quick and full),
+``common`` (reading summaries), one module per family of claims (``speed``, ``robustness``,
+``mechanism``, ``architecture``, ``batch_size``, ``inference``, ``regularization``), and
+``registry`` listing them. Claims return numbers and figure specs; :mod:`bnlab.report` draws.
 """
 
 from bnlab.experiments.claims.base import Arm, Claim, ClaimContext, ClaimResult, Criterion, Rule
-from bnlab.experiments.claims.catalog import CLAIMS
+from bnlab.experiments.claims.registry import CLAIMS
 
 DEFAULT_SEEDS = {"quick": 3, "full": 5}
 

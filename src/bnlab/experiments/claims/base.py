@@ -5,6 +5,9 @@ full), a statistic, a **verdict rule fixed in code before any run**, and the
 published number or figure it should be compared with. Running it trains its
 *arms* (one model configuration each, over several seeds) through the run
 store, so an arm shared by two claims, or by a rerun, is trained once.
+
+A claim returns data only: its numbers, and its figures as :func:`figure` specs (a plot kind and
+the series to draw); the interface layer (:mod:`bnlab.report`) draws them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from bnlab._json import dumps
 from bnlab.data import Dataset, load_dataset
 from bnlab.experiments.common import summarise_group
@@ -26,7 +31,7 @@ from bnlab.store import RunStore
 from bnlab.train import TrainConfig, run_group
 from bnlab.train.runner import code_version
 
-__all__ = ["Claim", "ClaimContext", "ClaimResult", "Arm", "VERDICTS", "Rule", "Criterion"]
+__all__ = ["Claim", "ClaimContext", "ClaimResult", "Arm", "VERDICTS", "Rule", "Criterion", "figure"]
 
 VERDICTS = ("supported", "not supported", "inconclusive")
 
@@ -51,6 +56,7 @@ class ClaimContext:
     progress: bool = True
     datasets: dict[str, Dataset] = field(default_factory=dict)  # injected in tests; loaded lazily otherwise
     data_orders: set[str] = field(default_factory=set)  # of the arms trained so far
+    arms_done: int = 0  # arms trained or reused by the claim running now
     fetch: bool = False  # fetch a dataset missing from the cache (bnlab.data.fetch_dataset), as the command does
 
     def dataset(self, name: str) -> Dataset:
@@ -66,11 +72,27 @@ class ClaimContext:
         first trained with, and a claim that needs probe series should name its arms uniquely.
         ``start_from`` (:class:`bnlab.train.runner.StartFrom`) fine-tunes another group's models.
         """
+        started = time.perf_counter()
         result = run_group(self.store, f"claim:{claim}/{arm.label}", arm.spec, arm.cfg, list(range(self.seeds)),
                            dataset=self.dataset(arm.cfg.dataset), probes=probes, progress=self.progress,
                            start_from=start_from)
         self.data_orders.add(self.store.run(result.run_ids[0]).config["train"]["data_order"])
+        self.arms_done += 1
+        if self.progress:
+            how = "reused from the store" if result.reused else f"trained in {time.perf_counter() - started:.0f} s"
+            tqdm.write(f"  {claim}: arm {self.arms_done} ({arm.label}, {self.seeds} seeds) {how}")
         return {**summarise_group(self.store, result, all_series=True), "label": arm.label}
+
+    def result(self, claim: str, protocol_text: str, statistic: str, numbers: dict, runs: dict[str, list[str]],
+               figures: list[dict]) -> ClaimResult:
+        """The :class:`ClaimResult` of a run under this context, to be judged by :meth:`Claim.execute`."""
+        return ClaimResult(claim, self.protocol_name, protocol_text, self.seeds, statistic, numbers, None, None, [],
+                           runs, 0.0, figures=figures)
+
+    def figure(self, name: str, kind: str, **args) -> dict:
+        """A figure of this run: ``kind`` names a plot of :mod:`bnlab.report.plots`, ``args`` its data.
+        The file is named by protocol, so a quick run never overwrites a full one."""
+        return figure(f"{name}.{self.protocol_name}.png", kind, **args)
 
     @property
     def protocol_name(self) -> str:
@@ -87,7 +109,7 @@ class ClaimResult:
     numbers: dict  # the statistic per condition, with CIs
     verdict: str | None  # None until Claim.execute judges the numbers by the claim's rule
     reason: str | None  # the rule applied to these numbers, in words
-    plots: list[str]
+    plots: list[str]  # image files drawn by results stored before figures were data; new results: []
     runs: dict[str, list[str]]  # arm label -> run ids
     wall_seconds: float
     code_version: str = field(default_factory=code_version)
@@ -96,6 +118,8 @@ class ClaimResult:
     data_order: str = "shared"
     # what the stored result said, when the rule as written now judges its numbers differently
     earlier_verdict: str | None = None
+    # what to draw: figure() specs, drawn by bnlab.report (file name, plot kind, data)
+    figures: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
         if self.verdict is not None and self.verdict not in VERDICTS:
@@ -124,6 +148,9 @@ class Claim:
         verdict_rule: the verdict rule (:class:`Rule`), stated before any run; ``rule`` is its text.
         anchor: the published number or figure to set ours against.
         run: ``run(ctx) -> ClaimResult``.
+        follows: for a follow-up experiment, the name of the claim whose result it explains.
+        ours_vs_anchor: ``numbers -> str``: our number in the anchor's units, beside it (None: no
+            published number to set it against).
     """
 
     name: str
@@ -133,6 +160,8 @@ class Claim:
     verdict_rule: Rule
     anchor: str
     run: Callable[[ClaimContext], ClaimResult]
+    follows: str | None = None
+    ours_vs_anchor: Callable[[dict], str] | None = None
 
     @property
     def rule(self) -> str:
@@ -154,6 +183,7 @@ class Claim:
     def execute(self, ctx: ClaimContext) -> ClaimResult:
         started = time.perf_counter()
         ctx.data_orders.clear()
+        ctx.arms_done = 0
         result = self.run(ctx)
         result.verdict, result.reason = self.verdict_rule.judge(result.numbers)
         result.wall_seconds = time.perf_counter() - started
@@ -273,3 +303,20 @@ class Rule:
         else:
             verdict = "inconclusive"
         return verdict, "; ".join(parts)
+
+
+def _plain(value):
+    """``value`` with tuples as lists and tensors as (nested) lists: what JSON stores and gives back."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def figure(file: str, kind: str, **args) -> dict:
+    """A figure as data: the plot ``kind`` (a function of :mod:`bnlab.report.plots`), the ``file`` it is
+    drawn to, and its ``args`` (series, labels) as plain JSON values."""
+    return {"file": file, "kind": kind, "args": _plain(args)}

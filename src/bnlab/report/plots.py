@@ -1,4 +1,8 @@
-"""Two plot shapes the claims need: lines with 95% CI bars over a swept value, and grouped bars with CIs."""
+"""The claims' plots, drawn from the figure specs their results carry (:func:`draw`), without pyplot.
+
+Lines with 95% CI bars (over a swept value or over training), grouped bars with CIs, Ioffe &
+Szegedy's Figure 1 layout, and loss-surface contours.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["lines_with_ci", "bars_with_ci", "accuracy_and_percentiles", "loss_contours"]
+__all__ = ["draw", "figure", "lines_with_ci", "bars_with_ci", "accuracy_and_percentiles", "loss_contours"]
 
 PALETTE = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02"]
 
@@ -19,9 +23,21 @@ def figure(**kwargs):
     return Figure(**kwargs)
 
 
+def draw(spec: dict, out_dir: Path) -> Path:
+    """Draw one figure spec of a claim result (``{"file", "kind", "args"}``, see
+    :func:`bnlab.experiments.claims.base.figure`) into ``out_dir``; returns the file."""
+    kinds = {f.__name__: f for f in (lines_with_ci, bars_with_ci, accuracy_and_percentiles, loss_contours)}
+    if spec["kind"] not in kinds:
+        raise ValueError(f"unknown figure kind {spec['kind']!r}; known: {sorted(kinds)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return kinds[spec["kind"]](out_dir / spec["file"], **spec["args"])
+
+
 def lines_with_ci(path: Path, series: dict[str, list[tuple[float, dict]]], *, title: str, xlabel: str,
-                  ylabel: str, logx: bool = False, scale: float = 1.0, hline: tuple[str, float] | None = None) -> Path:
-    """``series``: label -> [(x, interval dict with mean/low/high)], one line per label."""
+                  ylabel: str, logx: bool = False, scale: float = 1.0, hline: tuple[str, float] | None = None,
+                  markers: bool = True) -> Path:
+    """``series``: label -> [(x, interval dict with mean/low/high)], one line per label; with
+    ``markers=False`` (curves over training) the CI is a shaded band instead of error bars."""
     fig = figure(figsize=(7.5, 4.5))
     ax = fig.subplots()
     for color, (label, points) in zip(PALETTE * 3, series.items()):
@@ -29,7 +45,11 @@ def lines_with_ci(path: Path, series: dict[str, list[tuple[float, dict]]], *, ti
         mean = np.array([iv["mean"] for _, iv in points], dtype=float) * scale
         low = np.array([iv["low"] for _, iv in points], dtype=float) * scale
         high = np.array([iv["high"] for _, iv in points], dtype=float) * scale
-        ax.errorbar(xs, mean, yerr=[mean - low, high - mean], color=color, marker="o", capsize=4, label=label)
+        if markers:
+            ax.errorbar(xs, mean, yerr=[mean - low, high - mean], color=color, marker="o", capsize=4, label=label)
+        else:
+            ax.plot(xs, mean, color=color, label=label)
+            ax.fill_between(xs, low, high, color=color, alpha=0.2, lw=0)
     if hline is not None:
         ax.axhline(hline[1] * scale, color="grey", ls="--", lw=1, label=hline[0])
     if logx:

@@ -1,0 +1,8 @@
+"""Practitioner tools built on the library layer: things one does *to* a model with batch norm.
+
+- :func:`recompute_bn_stats` (precise BN): replace the running averages by population statistics.
+"""
+
+from bnlab.tools.precise_bn import recompute_bn_stats
+
+__all__ = ["recompute_bn_stats"]
