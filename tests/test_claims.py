@@ -251,3 +251,35 @@ def test_claim_results_are_strict_json(tmp_path):
     loaded = json.loads(path.read_text(), parse_constant=lambda token: pytest.fail(f"bare {token}"))
     assert loaded["numbers"]["gain"]["mean"] is None
     assert Interval.from_dict(ClaimResult.load(path).numbers["gain"]).n == 0
+
+
+def test_seeds_needed_scales_the_interval_to_clear_its_nearest_boundary():
+    from bnlab.report.claims_report import seeds_needed
+
+    exceeds = Criterion("x", 0.005)
+    # mean 0.007, half-width 0.004 at n = 5: clearing 0.005 needs half-width 0.002, i.e. 4× the seeds
+    assert seeds_needed(exceeds, Interval(0.007, 0.003, 0.011, 5)) == 20
+    assert seeds_needed(exceeds, Interval(0.01, 0.006, 0.014, 5)) is None  # already decided
+    assert seeds_needed(exceeds, Interval(0.005, 0.001, 0.009, 5)) is None  # on the boundary: no count decides
+    within = Criterion("x", 0.005, "within")
+    assert seeds_needed(within, Interval(0.004, 0.002, 0.006, 3)) == 3 * (0.002 / 0.001) ** 2
+
+
+def test_report_summary_table_anchor_line_and_how_each_result_was_made():
+    from bnlab.experiments.claims import CLAIMS
+
+    numbers = {"final_test_acc": {f"{act}, {label}": {"1.0": {"mean": m, "low": m, "high": m, "n": 5},
+                                                      "2.0": {"mean": m, "low": m, "high": m, "n": 5}}
+                                  for act, label, m in (("relu", "no BN", 0.1), ("relu", "BN", 0.98),
+                                                        ("sigmoid", "no BN", 0.97), ("sigmoid", "BN", 0.975))},
+               "relu_bn_minus_no_bn_at_lr_2.0": _iv(0.85, 0.91).to_dict()}
+    result = ClaimResult("higher-lr", "full", "p", 5, "final test accuracy", numbers, None, None, [], {}, 600.0,
+                         finished="2026-12-03 11:00")
+    result = CLAIMS["higher-lr"].rejudge(result)
+    md = render_markdown({"higher-lr": result})
+    row = next(line for line in md.splitlines() if line.startswith("| 2 |"))
+    assert "**supported**" in row and "+88 [+85, +91] points" in row and "| 5 | full |" in row
+    assert "*Ours beside it:* relu lr 1.0: 10.0% without BN vs 98.0% with" in md
+    assert "| 2 | `bnlab claims run higher-lr` | 10.0 min | 2026-12-03 11:00 |" in md
+    # a follow-up is announced in its claim's section, not yet run
+    assert "*Follow-up:* claim 15" in md and "| 15 |" in md

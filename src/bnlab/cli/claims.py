@@ -77,8 +77,10 @@ def _dispatch(args: argparse.Namespace) -> int:
                            progress=not args.no_progress)
         for position, name in enumerate(names, 1):
             expected = _expected_seconds(results_dir, name, protocol, seeds)
-            eta = (f"the last run took {expected / 60:.0f} min: done about {_clock(expected)}" if expected is not None
-                   else "first run here: each arm's bar shows its own ETA")
+            if expected is not None:
+                eta = f"the last run took {expected / 60:.0f} min: done about {_clock(expected)}"
+            else:
+                eta = "no earlier run to estimate from" + ("; each arm's bar shows its own ETA" if ctx.progress else "")
             print(f"[{position}/{len(names)}] {CLAIMS[name].number}. {name} ({protocol}, {seeds} seeds): {eta}",
                   flush=True)
             result = CLAIMS[name].execute(ctx)

@@ -103,6 +103,7 @@ def render_markdown(results: dict[str, ClaimResult], plot_prefix: str = "") -> s
         effects = "; ".join((f"{c}: " if c else "") + _effect(t, iv) for c, t, iv in _intervals(claim, r))
         lines.append(f"| {claim.number} | {claim.title} (`{claim.name}`) | {verdict} | {effects} | {r.seeds} "
                      f"| {r.protocol} |")
+    lines += ["", *_how_made(results)]
     changed = [(claim, results[claim.name]) for claim in _ordered()
                if claim.name in results and results[claim.name].earlier_verdict]
     if changed:
@@ -112,6 +113,30 @@ def render_markdown(results: dict[str, ClaimResult], plot_prefix: str = "") -> s
     for claim in _ordered():
         lines += ["", *_section(claim, results.get(claim.name), results, plot_prefix)]
     return "\n".join(lines) + "\n"
+
+
+def _command(r: ClaimResult) -> str:
+    from bnlab.experiments.claims import DEFAULT_SEEDS
+
+    quick = " --quick" if r.protocol == "quick" else ""
+    seeds = f" --seeds {r.seeds}" if r.seeds != DEFAULT_SEEDS[r.protocol] else ""
+    return f"bnlab claims run {r.claim}{quick}{seeds}"
+
+
+def _how_made(results: dict[str, ClaimResult]) -> list[str]:
+    """Each result's command, wall time, end time and code version: what a rerun needs."""
+    made = [(c, results[c.name]) for c in _ordered() if c.name in results]
+    if not made:
+        return []
+    lines = ["**How these results were made.** Each command below was run with `--store` pointing at one run "
+             "store (finished arms are shared between claims and reused by reruns, so a claim's wall time "
+             "leaves out arms another claim trained first); wall times are on the machine that ran them, "
+             "including time shared with other jobs. `bnlab claims report` then wrote this page.", "",
+             "| # | command | wall time | finished (UTC) | code |", "|---|---|---|---|---|"]
+    for claim, r in made:
+        lines.append(f"| {claim.number} | `{_command(r)}` | {r.wall_seconds / 60:.1f} min | {r.finished or '-'} "
+                     f"| {r.code_version} |")
+    return lines
 
 
 def _section(claim: Claim, r: ClaimResult | None, results: dict[str, ClaimResult], plot_prefix: str) -> list[str]:

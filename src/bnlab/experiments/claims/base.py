@@ -120,6 +120,7 @@ class ClaimResult:
     earlier_verdict: str | None = None
     # what to draw: figure() specs, drawn by bnlab.report (file name, plot kind, data)
     figures: list[dict] = field(default_factory=list)
+    finished: str = ""  # when the run ended, UTC, "YYYY-MM-DD HH:MM" ("" in results stored before)
 
     def __post_init__(self):
         if self.verdict is not None and self.verdict not in VERDICTS:
@@ -187,6 +188,7 @@ class Claim:
         result = self.run(ctx)
         result.verdict, result.reason = self.verdict_rule.judge(result.numbers)
         result.wall_seconds = time.perf_counter() - started
+        result.finished = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
         result.data_order = "per_seed" if ctx.data_orders == {"per_seed"} else "shared"
         result.save(ctx.store.path.parent / "claims")
         return result
