@@ -1,6 +1,6 @@
-"""The three building blocks every bnlab normalization layer is made of.
+"""The three building blocks of bnlab's normalizations, written once in plain torch ops.
 
-Each normalization (batch, layer, group, instance, renorm, ghost, sync) is the
+Each normalization (batch, layer, group, instance, renorm, ghost) is the
 same computation with different reduction axes:
 
 1. :func:`compute_stats`: mean and variance over the reduction axes,
@@ -8,9 +8,14 @@ same computation with different reduction axes:
 3. :func:`update_running_stats`: fold batch statistics into moving averages
    (only the batch-statistics layers use it).
 
-They are written with plain differentiable torch ops, so autograd gives the
-exact backward pass of the composition. The fast paths in
-:mod:`bnlab.functional.kernels` are checked against these functions.
+Where they run: batch renorm, ghost batch norm's eager path and the
+``"composite"`` batch-norm kernel (``bnlab.functional.batch_norm(...,
+kernel="composite")``) are these functions, and autograd gives the exact
+backward pass of the composition. Plain batch, layer, group and instance norm
+run torch's own kernels by default (``F.batch_norm`` and friends: the drop-in's
+promise of torch's numbers and speed); the tests hold those kernels, the
+compiled ones in :mod:`bnlab.functional.compiled` and these functions to the
+same NumPy reference (:mod:`bnlab.reference`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["compute_stats", "normalize", "scale_shift", "update_running_stats", "stats_dtype", "channel_view"]
+__all__ = ["compute_stats", "normalize", "scale_shift", "update_running_stats", "stats_dtype", "channel_view",
+           "bessel_factor"]
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -31,6 +37,13 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     least. float64 stays float64.
     """
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def bessel_factor(count: int, correction: int) -> float:
+    """``count / (count - correction)``: what turns a biased variance over ``count`` values into the one a
+    convention stores (``correction`` 1: unbiased, torch; 0: biased, Keras/Flax/ONNX). NaN without
+    enough values, as ATen's update gives. The one place every layer and kernel takes it from."""
+    return count / (count - correction) if count > correction else float("nan")
 
 
 def channel_view(t: Tensor | None, ndim: int) -> Tensor | None:
@@ -130,5 +143,5 @@ def update_running_stats(
     if running_mean is not None:
         running_mean.mul_(1.0 - momentum).add_(batch_mean.to(running_mean.dtype), alpha=momentum)
     if running_var is not None:
-        bessel = count / (count - correction)
+        bessel = bessel_factor(count, correction)
         running_var.mul_(1.0 - momentum).add_(batch_var.to(running_var.dtype), alpha=momentum * bessel)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from bnlab.functional.core import channel_view, compute_stats, normalize, update_running_stats
+from bnlab.functional.core import bessel_factor, channel_view, compute_stats, normalize, update_running_stats
 
 __all__ = ["Kernel", "register_kernel", "kernel_names", "select_kernel", "memory_layout", "LAYOUTS"]
 
@@ -79,7 +79,7 @@ def memory_layout(x: Tensor) -> str:
 def _bessel_rescale(x: Tensor, correction: int) -> float:
     """s = (n-1)/(n-c): ATen's update of ``running_var / s``, times s, stores ``var * n / (n - c)``."""
     n = x.numel() // x.size(1)
-    return (n - 1) / (n - correction)
+    return bessel_factor(n, correction) / bessel_factor(n, 1)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from bnlab.functional.compiled import load_kernels
-from bnlab.functional.core import channel_view, compute_stats, normalize
+from bnlab.functional.core import bessel_factor, channel_view, compute_stats, normalize
 from bnlab.functional.kernels import (
     corrected_running_var,
     memory_layout,
@@ -397,7 +397,7 @@ def batch_renorm(
 
     Implementation: batch norm with the affine folded to weight :math:`\gamma r`
     and bias :math:`\gamma d + \beta`, so it costs what batch norm costs (see
-    ``_BatchRenorm``).
+    ``_BatchRenormFunction``).
     """
     if not training:
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
@@ -408,10 +408,10 @@ def batch_renorm(
     _check_enough_values(input)
     compiled = _compiled_kernel_takes(input, weight, bias, running_mean, running_var)
     if not skip_nonfinite_update:  # the hot path, without the guard's context manager
-        return _BatchRenorm.apply(input, weight, bias, running_mean, running_var, momentum, eps,
+        return _BatchRenormFunction.apply(input, weight, bias, running_mean, running_var, momentum, eps,
                                   r_max, d_max, running_var_correction, compiled)
     with _keep_if_finite(running_mean, running_var, True) as (target_mean, target_var):
-        return _BatchRenorm.apply(input, weight, bias, target_mean, target_var, momentum, eps,
+        return _BatchRenormFunction.apply(input, weight, bias, target_mean, target_var, momentum, eps,
                                   r_max, d_max, running_var_correction, compiled)
 
 
@@ -431,7 +431,7 @@ def _renorm_factors_eager(x, weight, bias, running_mean, running_var, momentum, 
     return batch_mean, batch_var, batch_invstd, r, d, folded_weight, folded_bias
 
 
-class _BatchRenorm(torch.autograd.Function):
+class _BatchRenormFunction(torch.autograd.Function):
     """Batch renorm at the cost of one batch norm.
 
     r and d are per-channel constants, so ``y = γ(x̂·r + d) + β`` is batch norm
@@ -448,7 +448,7 @@ class _BatchRenorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, r_max, d_max, correction, compiled):
         if compiled:
             buf, layout, perm = _ghost_buffer(x, 1)
-            unbias = _bessel(buf.numel() // layout[2], correction)
+            unbias = bessel_factor(buf.numel() // layout[2], correction)
             y, batch_mean, batch_invstd, r, d, folded_weight = torch.ops.bnlab.renorm_forward(
                 buf, weight, bias, running_mean, running_var, *layout[1:], eps, momentum, unbias, r_max, d_max)
             y = y.permute(_inverse(perm)) if perm else y.view(x.shape)
@@ -537,10 +537,10 @@ def ghost_batch_norm(
         and not skip_nonfinite_update
     )
     if fast and _compiled_kernel_takes(input, weight, bias, running_mean, running_var):
-        return _CompiledGhostBatchNorm.apply(input, weight, bias, running_mean, running_var, momentum, eps,
+        return _CompiledGhostBatchNormFunction.apply(input, weight, bias, running_mean, running_var, momentum, eps,
                                              virtual_batch_size, update, running_var_correction)
     if fast:
-        return _GhostBatchNorm.apply(input, weight, bias, running_mean, running_var, momentum, eps,
+        return _GhostBatchNormFunction.apply(input, weight, bias, running_mean, running_var, momentum, eps,
                                      virtual_batch_size, update, running_var_correction)
     # General path (half precision, the non-finite guard): batch norm per chunk, then concatenate.
     # Chunks along dim 0 are views, contiguous in NCHW and in channels_last alike: no copies in.
@@ -588,12 +588,6 @@ def _ghost_buffer(x: Tensor, ghosts: int) -> tuple[Tensor, tuple[int, int, int, 
     return x, (ghosts, n // ghosts, c, x[0, 0].numel()), None
 
 
-def _bessel(count: int, correction: int) -> float:
-    """The factor ``count / (count - correction)`` that stores a biased variance with the convention's
-    correction (NaN without enough values, as ATen's update gives)."""
-    return count / (count - correction) if count > correction else float("nan")
-
-
 def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sorted(range(len(perm)), key=perm.__getitem__))
 
@@ -608,7 +602,7 @@ def _compiled_backward(grad_out, buf, layout, perm, weight, means, invstds, need
     return (dx.permute(_inverse(perm)) if perm else dx.view(grad_out.shape)), sum_dy, sum_dy_xhat
 
 
-class _CompiledGhostBatchNorm(torch.autograd.Function):
+class _CompiledGhostBatchNormFunction(torch.autograd.Function):
     """Ghost batch norm in one compiled kernel call each way (``csrc/ghost_batch_norm.cpp``).
 
     The kernel also updates the running statistics, in the order chunked batch norm would
@@ -620,7 +614,7 @@ class _CompiledGhostBatchNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, v, update, correction):
         ghosts = x.size(0) // v
         buf, layout, perm = _ghost_buffer(x, ghosts)
-        unbias = _bessel(buf.numel() // (ghosts * layout[2]), correction)
+        unbias = bessel_factor(buf.numel() // (ghosts * layout[2]), correction)
         y, means, variances, invstds = torch.ops.bnlab.ghost_forward(
             buf, weight, bias, running_mean, running_var, *layout, eps, momentum, update == "averaged", unbias)
         ctx.save_for_backward(buf, weight, means, invstds)
@@ -638,7 +632,7 @@ class _CompiledGhostBatchNorm(torch.autograd.Function):
         return dx, grad_w, grad_b, None, None, None, None, None, None, None
 
 
-class _GhostBatchNorm(torch.autograd.Function):
+class _GhostBatchNormFunction(torch.autograd.Function):
     """Ghost batch norm as one autograd node: ATen's batch norm runs on each ghost batch and writes
     straight into its slice of the output (and, backward, of the input gradient), so there is no
     concatenation copy in either direction. Same arithmetic as the per-chunk path it replaces.

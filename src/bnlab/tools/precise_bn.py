@@ -27,6 +27,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from bnlab.functional.core import bessel_factor
+
 __all__ = ["recompute_bn_stats"]
 
 ESTIMATORS = ("population", "batch_mean")
@@ -133,7 +135,7 @@ def recompute_bn_stats(model: nn.Module, batches: Iterable, num_batches: int | N
         mean, var = moments[name].statistics(estimator)
         count = moments[name].count
         if _stores_unbiased_variance(m) and count > 1:
-            var = var * count / (count - 1)
+            var = var * bessel_factor(count, 1)
         m.running_mean.copy_(mean.to(m.running_mean.dtype))
         m.running_var.copy_(var.to(m.running_var.dtype))
     return used
