@@ -1,4 +1,4 @@
-"""Shared test helpers: building twin layers and comparing them."""
+"""Shared test helpers: twin layers (ours and torch's with the same parameters) and comparing them."""
 
 from __future__ import annotations
 
@@ -10,17 +10,14 @@ TORCH_OF = {bnn.BatchNorm1d: torch.nn.BatchNorm1d, bnn.BatchNorm2d: torch.nn.Bat
 OURS_FOR_NDIM = {2: bnn.BatchNorm1d, 3: bnn.BatchNorm1d, 4: bnn.BatchNorm2d, 5: bnn.BatchNorm3d}
 
 
-def twin_layers(ours_cls, num_features, **kwargs):
-    """An bnlab layer and a torch.nn layer with identical, non-trivial parameters."""
-    ours = ours_cls(num_features, **kwargs)
-    theirs = TORCH_OF[ours_cls](num_features, **kwargs)
+def twin(ours_cls, theirs_cls, *args, **kwargs):
+    """A bnlab layer and its torch.nn counterpart built with the same arguments and the same
+    non-trivial parameters (weights in [0.5, 1.5), biases around 0), so a forgotten affine shows."""
+    ours, theirs = ours_cls(*args, **kwargs), theirs_cls(*args, **kwargs)
     with torch.no_grad():
-        if ours.weight is not None:
-            ours.weight.copy_(torch.rand(num_features, dtype=ours.weight.dtype) + 0.5)
-            theirs.weight.copy_(ours.weight)
-        if ours.bias is not None:
-            ours.bias.copy_(torch.randn(num_features, dtype=ours.bias.dtype))
-            theirs.bias.copy_(ours.bias)
+        for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+            p.copy_(torch.rand_like(p) + 0.5 if name == "weight" else torch.randn_like(p) * 0.5)
+            q.copy_(p)
     return ours, theirs
 
 

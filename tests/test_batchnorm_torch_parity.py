@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import bnlab.nn as bnn
-from helpers import assert_close_or_none, step, twin_layers
+from helpers import TORCH_OF, assert_close_or_none, step, twin
 
 SHAPES = [
     (bnn.BatchNorm1d, (16, 5)),
@@ -35,7 +35,7 @@ def _run_twins(ours, theirs, shape, steps=3, scale=3.0, shift=1.5):
 @pytest.mark.parametrize("momentum", [0.1, 0.7, None])
 @pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, True)])
 def test_train_then_eval_matches_torch(cls, shape, momentum, affine, bias):
-    ours, theirs = twin_layers(cls, shape[1], momentum=momentum, affine=affine, bias=bias)
+    ours, theirs = twin(cls, TORCH_OF[cls], shape[1], momentum=momentum, affine=affine, bias=bias)
     _run_twins(ours, theirs, shape)
     ours.eval(), theirs.eval()
     _run_twins(ours, theirs, shape, steps=1)
@@ -43,7 +43,7 @@ def test_train_then_eval_matches_torch(cls, shape, momentum, affine, bias):
 
 @pytest.mark.parametrize("cls,shape", SHAPES)
 def test_no_running_stats_uses_batch_stats_in_eval(cls, shape):
-    ours, theirs = twin_layers(cls, shape[1], track_running_stats=False)
+    ours, theirs = twin(cls, TORCH_OF[cls], shape[1], track_running_stats=False)
     assert ours.running_mean is None and ours.num_batches_tracked is None
     _run_twins(ours, theirs, shape, steps=2)
     ours.eval(), theirs.eval()
@@ -52,7 +52,7 @@ def test_no_running_stats_uses_batch_stats_in_eval(cls, shape):
 
 @pytest.mark.parametrize("cls,shape", SHAPES[:3])
 def test_float64_matches_torch(cls, shape):
-    ours, theirs = twin_layers(cls, shape[1], dtype=torch.float64)
+    ours, theirs = twin(cls, TORCH_OF[cls], shape[1], dtype=torch.float64)
     for _ in range(3):
         x = torch.randn(shape, dtype=torch.float64) * 3 + 1.5
         upstream = torch.randn(shape, dtype=torch.float64)
@@ -63,7 +63,7 @@ def test_float64_matches_torch(cls, shape):
 
 def test_track_running_stats_flag_flipped_after_construction():
     # torch: buffers exist, so train mode stops updating them but eval still uses them.
-    ours, theirs = twin_layers(bnn.BatchNorm1d, 4)
+    ours, theirs = twin(bnn.BatchNorm1d, TORCH_OF[bnn.BatchNorm1d], 4)
     _run_twins(ours, theirs, (8, 4))
     ours.track_running_stats = theirs.track_running_stats = False
     _run_twins(ours, theirs, (8, 4))
@@ -72,7 +72,7 @@ def test_track_running_stats_flag_flipped_after_construction():
 
 
 def test_state_dict_loads_both_ways():
-    ours, theirs = twin_layers(bnn.BatchNorm2d, 6)
+    ours, theirs = twin(bnn.BatchNorm2d, TORCH_OF[bnn.BatchNorm2d], 6)
     _run_twins(ours, theirs, (4, 6, 3, 3))
     assert list(ours.state_dict()) == list(theirs.state_dict())
     fresh_torch = nn.BatchNorm2d(6)
@@ -121,9 +121,9 @@ def test_pre_1_2_state_dict_without_version_loads_as_torch_loads_it():
 def test_input_dimension_errors_match_torch(cls, bad_shape):
     x = torch.randn(bad_shape)
     with pytest.raises(ValueError) as theirs:
-        twin_layers(cls, 3)[1](x)
+        twin(cls, TORCH_OF[cls], 3)[1](x)
     with pytest.raises(ValueError) as ours:
-        twin_layers(cls, 3)[0](x)
+        twin(cls, TORCH_OF[cls], 3)[0](x)
     assert str(ours.value) == str(theirs.value)
 
 
@@ -139,7 +139,7 @@ def test_single_value_per_channel_explains_the_fix(shape):
 
 
 def test_empty_batch_leaves_statistics_and_counts_like_torch():
-    ours, theirs = twin_layers(bnn.BatchNorm2d, 3)
+    ours, theirs = twin(bnn.BatchNorm2d, TORCH_OF[bnn.BatchNorm2d], 3)
     _run_twins(ours, theirs, (4, 3, 2, 2))
     before = (ours.running_mean.clone(), ours.running_var.clone())
     x = torch.randn(0, 3, 2, 2, requires_grad=True)
@@ -184,7 +184,7 @@ def test_non_contiguous_input():
     base = torch.randn(6, 10, 8) * 2
     x = base.transpose(1, 2)[:, :, ::2]  # (6, 8, 5), strided
     assert not x.is_contiguous()
-    ours, theirs = twin_layers(bnn.BatchNorm1d, 8)
+    ours, theirs = twin(bnn.BatchNorm1d, TORCH_OF[bnn.BatchNorm1d], 8)
     torch.testing.assert_close(ours(x), theirs(x.contiguous()), **F32)
     torch.testing.assert_close(ours.running_var, theirs.running_var, **F32)
 
@@ -248,7 +248,7 @@ def test_convert_sync_batchnorm_copies_state():
 
 
 def test_replace_all_batch_norm_modules_makes_it_stateless():
-    ours, theirs = twin_layers(bnn.BatchNorm1d, 4)
+    ours, theirs = twin(bnn.BatchNorm1d, TORCH_OF[bnn.BatchNorm1d], 4)
     for m in (ours, theirs):
         torch.func.replace_all_batch_norm_modules_(m)
         m.eval()

@@ -51,6 +51,7 @@ def _scheduler_warnings(caught):
     (TINY_MLP, "adam", "step"), (TINY_MLP, "sgd", "lambda"), (TINY_MLP, "sgd", "cosine"),
     (TINY_MLP, "sgd", "sequential"),
 ])
+@pytest.mark.slow
 def test_scheduled_master_weights_equal_scheduled_autocast(spec, optimizer, schedule, monkeypatch):
     # Oracle: the same stacked run under plain autocast, its torch optimizer driven by the same
     # scheduler. Both lr (and momentum/betas) paths must see every change the scheduler makes.

@@ -13,17 +13,9 @@ from torch import nn
 
 import bnlab.functional as BF
 import bnlab.nn as bnn
+from helpers import twin
 
 F32 = dict(rtol=1e-5, atol=1e-5)
-
-
-def _twin(ours_cls, theirs_cls, *args, **kwargs):
-    ours, theirs = ours_cls(*args, **kwargs), theirs_cls(*args, **kwargs)
-    with torch.no_grad():
-        for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
-            p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name == "weight" else 0.0))
-            q.copy_(p)
-    return ours, theirs
 
 
 def _fwd_bwd(module, x, upstream):
@@ -41,7 +33,7 @@ def _fwd_bwd(module, x, upstream):
 @pytest.mark.parametrize("shape,normalized", [((8, 16), (16,)), ((4, 5, 6), (6,)), ((2, 3, 4, 5), (3, 4, 5))])
 @pytest.mark.parametrize("kwargs", [{}, {"elementwise_affine": False}, {"bias": False}])
 def test_layer_norm_matches_torch(shape, normalized, kwargs):
-    ours, theirs = _twin(bnn.LayerNorm, nn.LayerNorm, normalized, **kwargs)
+    ours, theirs = twin(bnn.LayerNorm, nn.LayerNorm, normalized, **kwargs)
     x, up = torch.randn(shape) * 3 + 1, torch.randn(shape)
     for a, b in zip(_fwd_bwd(ours, x, up), _fwd_bwd(theirs, x, up)):
         torch.testing.assert_close(a, b, **F32)
@@ -52,7 +44,7 @@ def test_layer_norm_matches_torch(shape, normalized, kwargs):
 @pytest.mark.parametrize("groups,channels,shape", [(2, 6, (4, 6)), (3, 6, (4, 6, 5)), (4, 8, (2, 8, 3, 3)), (1, 5, (3, 5, 2, 2))])
 @pytest.mark.parametrize("affine", [True, False])
 def test_group_norm_matches_torch(groups, channels, shape, affine):
-    ours, theirs = _twin(bnn.GroupNorm, nn.GroupNorm, groups, channels, affine=affine)
+    ours, theirs = twin(bnn.GroupNorm, nn.GroupNorm, groups, channels, affine=affine)
     x, up = torch.randn(shape) * 2 - 1, torch.randn(shape)
     for a, b in zip(_fwd_bwd(ours, x, up), _fwd_bwd(theirs, x, up)):
         torch.testing.assert_close(a, b, **F32)
@@ -75,7 +67,7 @@ def test_group_norm_bad_group_count_message_matches_torch():
 @pytest.mark.parametrize("kwargs", [{}, {"affine": True}, {"track_running_stats": True, "affine": True}])
 def test_instance_norm_matches_torch(cls, torch_cls, shape, kwargs):
     channels = shape[1] if len(shape) > 3 or cls is bnn.InstanceNorm1d else shape[0]
-    ours, theirs = _twin(cls, torch_cls, channels, **kwargs)
+    ours, theirs = twin(cls, torch_cls, channels, **kwargs)
     assert ours.affine == theirs.affine and (kwargs or ours.affine is False)  # torch's default affine=False
     for _ in range(2):
         x, up = torch.randn(shape) * 2 + 0.5, torch.randn(shape)

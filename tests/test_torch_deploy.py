@@ -151,6 +151,7 @@ def test_eager_post_training_quantization_of_a_lone_norm():
     _same(quantized[0](x), quantized[1](x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo-exporter", "torchscript-exporter"])
 def test_onnx_export(twins, dynamo):
     import onnx  # test dependencies: onnx and onnxscript (the dynamo exporter)

@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from bnlab.functional.compiled import load_kernels
-from bnlab.functional.core import bessel_factor, channel_view, compute_stats, normalize
+from bnlab.functional.core import bessel_factor, channel_view, compute_stats, normalize, update_running_stats
 from bnlab.functional.kernels import (
     corrected_running_var,
     memory_layout,
@@ -419,8 +419,16 @@ def _renorm_factors_eager(x, weight, bias, running_mean, running_var, momentum, 
     """Batch statistics, r, d and the folded affine, with the running statistics updated: the
     torch-ops twin of the compiled ``renorm_forward`` (``csrc/ghost_batch_norm.cpp``)."""
     old_mean, old_sigma = running_mean.clone(), torch.sqrt(running_var + eps)
-    with corrected_running_var(x, running_var, True, correction) as rv:
-        batch_mean, batch_var = torch.batch_norm_update_stats(x, running_mean, rv, momentum)
+    if torch.compiler.is_compiling():
+        # ATen's batch_norm_update_stats updates the buffers without its schema saying so, so a compiled
+        # graph may read them after the update (r and d then come out wrong): ops the compiler can see
+        batch_var, batch_mean = torch.var_mean(x, dim=[d for d in range(x.dim()) if d != 1], correction=0)
+        with torch.no_grad():
+            update_running_stats(running_mean, running_var, batch_mean, batch_var, x.numel() // x.size(1),
+                                 momentum=momentum, correction=correction)
+    else:
+        with corrected_running_var(x, running_var, True, correction) as rv:
+            batch_mean, batch_var = torch.batch_norm_update_stats(x, running_mean, rv, momentum)
     batch_invstd = torch.rsqrt(batch_var + eps)
     r = (1.0 / (batch_invstd * old_sigma)).clamp(1.0 / r_max, r_max)
     d = ((batch_mean - old_mean) / old_sigma).clamp(-d_max, d_max)
@@ -539,7 +547,7 @@ def ghost_batch_norm(
     if fast and _compiled_kernel_takes(input, weight, bias, running_mean, running_var):
         return _CompiledGhostBatchNormFunction.apply(input, weight, bias, running_mean, running_var, momentum, eps,
                                              virtual_batch_size, update, running_var_correction)
-    if fast:
+    if fast and not torch.compiler.is_compiling():  # its out= writes into slices do not trace: per chunk below
         return _GhostBatchNormFunction.apply(input, weight, bias, running_mean, running_var, momentum, eps,
                                      virtual_batch_size, update, running_var_correction)
     # General path (half precision, the non-finite guard): batch norm per chunk, then concatenate.
