@@ -707,3 +707,34 @@ def test_compiled_kernels_can_be_switched_off_without_a_warning(monkeypatch, rec
     want = torch.cat([nn.functional.batch_norm(c, None, None, training=True) for c in x.chunk(4)])
     torch.testing.assert_close(y, want, **F32)
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def _numpy_normalized(x: np.ndarray, axes: tuple[int, ...], eps: float) -> np.ndarray:
+    mean = x.mean(axis=axes, keepdims=True)
+    return (x - mean) / np.sqrt(x.var(axis=axes, keepdims=True) + eps)
+
+
+@pytest.mark.parametrize("kernel", [None, "composite"], ids=["native", "composite"])
+def test_each_kernel_of_the_family_against_numpy_one_liners(kernel):
+    """Both paths of every family member against NumPy, not against each other: a bug shared by torch's
+    kernel and ours (or a composite that only copies native) cannot pass."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 5, generator=g, dtype=torch.float64) * 2 + 1
+    w, b = torch.rand(6, dtype=torch.float64) + 0.5, torch.randn(6, dtype=torch.float64)
+    xn, wn, bn_ = x.numpy(), w.numpy()[None, :, None], b.numpy()[None, :, None]
+    eps = 1e-5
+    grouped = xn.reshape(4, 3, 10)  # 3 groups of 2 channels × 5 positions
+    expected = {
+        "batch": _numpy_normalized(xn, (0, 2), eps) * wn + bn_,
+        "instance": _numpy_normalized(xn, (2,), eps) * wn + bn_,
+        "group": _numpy_normalized(grouped, (2,), eps).reshape(4, 6, 5) * wn + bn_,
+        "layer": _numpy_normalized(xn, (1, 2), eps),
+    }
+    got = {
+        "batch": BF.batch_norm(x, None, None, w, b, True, 0.1, eps, kernel=kernel),
+        "instance": BF.instance_norm(x, None, None, w, b, True, 0.1, eps, kernel=kernel),
+        "group": BF.group_norm(x, 3, w, b, eps, kernel=kernel),
+        "layer": BF.layer_norm(x, (6, 5), None, None, eps, kernel=kernel),
+    }
+    for name, want in expected.items():
+        torch.testing.assert_close(got[name], torch.from_numpy(want), rtol=1e-10, atol=1e-10, msg=name)
