@@ -540,3 +540,22 @@ def test_seeded_build_leaves_the_global_random_state_and_evaluate_restores_the_m
     trainer.model.train()
     trainer.evaluate(data.test_x, data.test_y, folded=True)
     assert trainer.model.training
+
+
+def test_training_leaves_the_global_generator_alone_and_does_not_depend_on_it():
+    """Dropout draws from the global generator; a run swaps its own state in and out, so the caller's
+    random numbers are unchanged and the run is a function of its config alone."""
+    spec = ModelSpec(hidden=(16,), norm="batch", dropout=0.5)
+    cfg = TrainConfig(lr=0.1, batch_size=32, epochs=1, eval_every=2)
+    data = prepare_data(fake_dataset(n_train=128), cfg, spec)
+    states = []
+    for outside_seed in (1, 2):
+        torch.manual_seed(outside_seed)
+        before = torch.get_rng_state()
+        trainer = StackedTrainer(spec, cfg, [0, 1], data)
+        trainer.run()
+        trainer.train_step()  # one more step outside run(): the same swap
+        assert torch.equal(torch.get_rng_state(), before)
+        states.append(trainer.model.state_dict())
+    for name, value in states[0].items():
+        assert torch.equal(value, states[1][name]), name

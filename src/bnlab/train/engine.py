@@ -231,8 +231,10 @@ class StackedTrainer:
         self._interval_loss = torch.zeros(self.k, dtype=torch.float64)
         self._interval_steps = 0
         self._epoch_cache: tuple[int, Tensor] | None = None
-        # dropout draws from the global generator; fix it so a run is a function of its config
-        torch.manual_seed(cfg.data_seed * 7919 + sum(self.seeds))
+        # dropout draws from the global generator: training swaps this state in and out of it
+        # (_dropout_rng), so a run is a function of its config and the caller's generator is untouched
+        self._rng_state = torch.Generator().manual_seed(cfg.data_seed * 7919 + sum(self.seeds)).get_state()
+        self._rng_swapped_in = False
 
     def _build_optimizer(self):
         optimizer = _make_optimizer(self.cfg, self.model.parameters())
@@ -275,7 +277,27 @@ class StackedTrainer:
 
     # -- one step -----------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _dropout_rng(self):
+        """The run's own generator state in the global generator (which dropout draws from) for the
+        block, and the caller's state back after; re-entrant, so ``run`` swaps once, not per step."""
+        if self._rng_swapped_in:
+            yield
+            return
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self._rng_state)
+            self._rng_swapped_in = True
+            try:
+                yield
+            finally:
+                self._rng_state = torch.get_rng_state()
+                self._rng_swapped_in = False
+
     def train_step(self) -> Tensor:
+        with self._dropout_rng():
+            return self._train_step()
+
+    def _train_step(self) -> Tensor:
         idx = self.batch_indices(self.step)
         if not self.model.training:  # .train() walks every module: ~65 µs a step for nothing
             self.model.train()
@@ -390,7 +412,7 @@ class StackedTrainer:
             "step": self.step,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "rng": torch.get_rng_state(),
+            "rng": torch.get_rng_state() if self._rng_swapped_in else self._rng_state.clone(),
             "interval_loss": self._interval_loss.clone(),
             "interval_steps": self._interval_steps,
         }
@@ -399,7 +421,9 @@ class StackedTrainer:
         self.step = state["step"]
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
+        self._rng_state = state["rng"].clone()
+        if self._rng_swapped_in:
+            torch.set_rng_state(self._rng_state)
         self._interval_loss = state["interval_loss"].clone()
         self._interval_steps = state["interval_steps"]
 
@@ -436,6 +460,10 @@ class StackedTrainer:
         stop_flag=None,
     ) -> None:
         """Train to ``total_steps``; raise :class:`StopRequested` after a checkpoint if asked to stop."""
+        with self._dropout_rng():
+            self._run(on_eval, on_checkpoint, progress, stop_flag)
+
+    def _run(self, on_eval, on_checkpoint, progress, stop_flag) -> None:
         timings, clock = self.timings, time.perf_counter
         while self.step < self.total_steps:
             started = clock()
