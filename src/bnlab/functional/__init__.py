@@ -7,9 +7,11 @@
 * :mod:`~bnlab.functional.norms`: ``batch_norm``, the policy (validation,
   statistics, guards) in front of the kernels, and the family built on them.
 * :mod:`~bnlab.functional.compiled`: the compiled CPU kernels (``csrc/``) that
-  ghost batch norm and batch renorm use, built on first use, with a torch fallback.
+  ghost batch norm and batch renorm use, and plain batch norm where
+  :mod:`~bnlab.functional.backend` sends it, built on first use, with a torch fallback.
 """
 
+from bnlab.functional.backend import get_backend, set_backend
 from bnlab.functional.core import compute_stats, normalize, scale_shift, stats_dtype, update_running_stats
 from bnlab.functional.kernels import Kernel, kernel_names, memory_layout, register_kernel
 from bnlab.functional.norms import (
@@ -37,4 +39,6 @@ __all__ = [
     "register_kernel",
     "kernel_names",
     "memory_layout",
+    "set_backend",
+    "get_backend",
 ]

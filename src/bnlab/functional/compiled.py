@@ -150,8 +150,10 @@ def build_extension(name: str, sources: list[Path], ops: tuple[str, ...], cflags
         return _state[name]
 
 
+@torch._dynamo.assume_constant_result  # torch.compile runs it once while tracing (a build takes a lock)
 def load_kernels() -> bool:
     """Build (once per machine) and load the normalization kernels; True when ``torch.ops.bnlab`` has them."""
     return build_extension("bnlab_kernels", _SOURCES,
-                           ("bnlab::ghost_forward", "bnlab::ghost_backward", "bnlab::renorm_forward"))
+                           ("bnlab::ghost_forward", "bnlab::ghost_backward", "bnlab::renorm_forward",
+                            "bnlab::bn_train_forward", "bnlab::bn_train_backward", "bnlab::batch_norm_train"))
 

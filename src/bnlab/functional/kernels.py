@@ -29,7 +29,8 @@ from torch.nn import functional as F
 
 from bnlab.functional.core import bessel_factor, channel_view, compute_stats, normalize, update_running_stats
 
-__all__ = ["Kernel", "register_kernel", "kernel_names", "select_kernel", "memory_layout", "LAYOUTS"]
+__all__ = ["Kernel", "register_kernel", "kernel_names", "select_kernel", "memory_layout", "LAYOUTS",
+           "compiled_batch_norm"]
 
 LAYOUTS = frozenset({"contiguous", "channels_last", "strided"})
 
@@ -147,9 +148,23 @@ def _composite_kernel(x, running_mean, running_var, weight, bias, training, mome
     )
 
 
-# Tried first to last; register_kernel puts new kernels in front.
+def compiled_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, correction):
+    """The ``"compiled"`` kernel: training batch norm by bnlab's C++ kernel and C++ autograd
+    (``torch.ops.bnlab.batch_norm_train``) where it can serve the call (see
+    :mod:`bnlab.functional.backend`), torch's native kernel otherwise (inference, half precision,
+    mixed dtypes, a missing compiler)."""
+    from bnlab.functional.backend import _eligible
+
+    if not training or not _eligible(x, weight, bias, running_mean, running_var):
+        return native_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, correction)
+    unbias = bessel_factor(x.numel() // x.size(1), correction)
+    return torch.ops.bnlab.batch_norm_train(x, weight, bias, running_mean, running_var, eps, momentum, unbias)
+
+
+# Tried first to last; register_kernel puts new kernels in front. "compiled" is last: it is chosen by
+# name, or by the backend (bnlab.functional.backend) before this registry is consulted.
 _NATIVE = Kernel("native", native_batch_norm)
-_KERNELS: list[Kernel] = [_NATIVE, Kernel("composite", _composite_kernel)]
+_KERNELS: list[Kernel] = [_NATIVE, Kernel("composite", _composite_kernel), Kernel("compiled", compiled_batch_norm)]
 
 
 def native_is_first_choice() -> bool:

@@ -15,9 +15,11 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from bnlab.functional.backend import compiled_serves
 from bnlab.functional.compiled import load_kernels
 from bnlab.functional.core import bessel_factor, channel_view, compute_stats, normalize, update_running_stats
 from bnlab.functional.kernels import (
+    compiled_batch_norm,
     corrected_running_var,
     memory_layout,
     native_batch_norm,
@@ -141,7 +143,12 @@ def _eager_batch_norm(
     # No checks up front: torch's own (in F.batch_norm) run first and modes see exactly
     # torch's calls; errors are explained after the fact, which costs nothing when none occur.
     try:
-        if kernel is None and native_is_first_choice():  # the hot path: F.batch_norm, nothing else
+        if kernel is None and native_is_first_choice():  # the hot path: F.batch_norm, or the compiled kernel
+            if training and not skip_nonfinite_update and compiled_serves(input, weight, bias, running_mean,
+                                                                          running_var):
+                _check_eps(eps, True)
+                return compiled_batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps,
+                                           running_var_correction)
             if not skip_nonfinite_update:
                 return native_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                          running_var_correction)

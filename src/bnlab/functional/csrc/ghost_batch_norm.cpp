@@ -13,6 +13,7 @@
 // runs in double.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -436,6 +437,153 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_backward(
   return {dx, sum_dy.sum(0), sum_dy_xhat.sum(0)};  // dγ and dβ add up over the ghosts
 }
 
+// -- Plain batch norm in training mode: the kernels above with one ghost ------------------------------
+//
+// Any input layout maps to one of the two buffer layouts without a copy when it can:
+//   (N, C) and spatial size 1   -> rows  [N][C]
+//   contiguous (N, C, *)        -> planes [N][C][S]
+//   channels-last 4-D / 5-D     -> rows  [N·H·W(·D)][C] (the permuted view is already contiguous)
+//   anything else               -> a contiguous copy, planes
+struct Buffer {
+  at::Tensor data;        // the contiguous buffer the kernels read
+  int64_t per_ghost;      // rows (rows layout) or samples (planes layout)
+  int64_t channels;
+  int64_t spatial;        // 0: rows layout
+  std::vector<int64_t> permutation;  // buffer dims -> input dims (empty: a plain view)
+};
+
+inline bool is_channels_last(const at::Tensor& x) {
+  if (x.dim() == 4) return x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (x.dim() == 5) return x.is_contiguous(at::MemoryFormat::ChannelsLast3d);
+  return false;
+}
+
+Buffer buffer_of(const at::Tensor& x) {
+  const int64_t n = x.size(0), c = x.size(1);
+  const int64_t spatial = c > 0 && n > 0 ? x.numel() / (n * c) : 0;
+  if (!x.is_contiguous() && is_channels_last(x)) {
+    std::vector<int64_t> perm = {0};
+    for (int64_t d = 2; d < x.dim(); ++d) perm.push_back(d);
+    perm.push_back(1);
+    return {x.permute(perm), n * spatial, c, 0, perm};
+  }
+  at::Tensor data = x.contiguous();
+  if (x.dim() == 2 || spatial == 1) return {data, n, c, 0, {}};
+  return {data, n, c, spatial, {}};
+}
+
+// A buffer-shaped result back in the input's shape and memory layout.
+at::Tensor as_input(const at::Tensor& result, const at::Tensor& x, const Buffer& b) {
+  if (b.permutation.empty()) return result.view(x.sizes());
+  std::vector<int64_t> inverse(b.permutation.size());
+  for (size_t i = 0; i < b.permutation.size(); ++i) inverse[b.permutation[i]] = static_cast<int64_t>(i);
+  return result.permute(inverse);
+}
+
+// (y, mean, invstd); the running statistics, when given, get one batch-norm update storing var · unbias.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_train_forward(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, double eps,
+    double momentum, double unbias) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 2, "bn_train_forward: expects an (N, C, *) CPU tensor");
+  const Buffer b = buffer_of(x);
+  TORCH_CHECK(b.data.is_contiguous(), "bn_train_forward: internal layout error");
+  auto [y, mean, var, invstd] = ghost_forward(b.data, weight, bias, running_mean, running_var, 1, b.per_ghost,
+                                              b.channels, b.spatial, eps, momentum, false, unbias);
+  return {as_input(y, x, b), mean.view({b.channels}), invstd.view({b.channels})};
+}
+
+// (dx, or None when not needed; dβ = Σdy; dγ = Σdy·x̂), for the forward above.
+std::tuple<c10::optional<at::Tensor>, at::Tensor, at::Tensor> bn_train_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const c10::optional<at::Tensor>& weight, const at::Tensor& mean,
+    const at::Tensor& invstd, bool need_input_grad) {
+  const Buffer b = buffer_of(x);
+  at::Tensor dy;
+  if (b.permutation.empty())
+    dy = grad_out.contiguous();
+  else
+    dy = grad_out.contiguous(x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d)
+             .permute(b.permutation);
+  auto [dx, sum_dy, sum_dy_xhat] = ghost_backward(dy, b.data, weight, mean.view({1, b.channels}),
+                                                  invstd.view({1, b.channels}), 1, b.per_ghost, b.channels,
+                                                  b.spatial, need_input_grad);
+  if (!need_input_grad) return {c10::nullopt, sum_dy, sum_dy_xhat};
+  return {as_input(dx, x, b), sum_dy, sum_dy_xhat};
+}
+
+// Shapes only, for torch.compile's fake tensors: the same outputs with no arithmetic.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_train_forward_meta(
+    const at::Tensor& x, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, double, double, double) {
+  const auto format = is_channels_last(x) && !x.is_contiguous() ? x.suggest_memory_format() : at::MemoryFormat::Contiguous;
+  return {at::empty(x.sizes(), x.options().memory_format(format)), at::empty({x.size(1)}, x.options()),
+          at::empty({x.size(1)}, x.options())};
+}
+
+std::tuple<c10::optional<at::Tensor>, at::Tensor, at::Tensor> bn_train_backward_meta(
+    const at::Tensor&, const at::Tensor& x, const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+    bool need_input_grad) {
+  const auto format = is_channels_last(x) && !x.is_contiguous() ? x.suggest_memory_format() : at::MemoryFormat::Contiguous;
+  c10::optional<at::Tensor> dx;
+  if (need_input_grad) dx = at::empty(x.sizes(), x.options().memory_format(format));
+  return {dx, at::empty({x.size(1)}, x.options()), at::empty({x.size(1)}, x.options())};
+}
+
+// The autograd formula in C++: no Python between the user's call and the kernels, either way.
+class BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                            const c10::optional<at::Tensor>& running_mean,
+                            const c10::optional<at::Tensor>& running_var, double eps, double momentum,
+                            double unbias) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("bnlab::bn_train_forward", "")
+                         .typed<decltype(bn_train_forward)>();
+    auto [y, mean, invstd] = op.call(x, weight, bias, running_mean, running_var, eps, momentum, unbias);
+    const bool has_weight = weight.has_value() && weight->defined();
+    ctx->save_for_backward({x, has_weight ? *weight : at::Tensor(), mean, invstd});
+    ctx->saved_data["has_weight"] = has_weight;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("bnlab::bn_train_backward", "")
+                         .typed<decltype(bn_train_backward)>();
+    const auto saved = ctx->get_saved_variables();
+    const bool has_weight = ctx->saved_data["has_weight"].toBool();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const c10::optional<at::Tensor> weight = has_weight ? c10::optional<at::Tensor>(saved[1]) : c10::nullopt;
+    auto [dx, sum_dy, sum_dy_xhat] = op.call(grads[0], saved[0], weight, saved[2], saved[3],
+                                             ctx->needs_input_grad(0));
+    return {dx.has_value() ? *dx : at::Tensor(), has_weight ? sum_dy_xhat : at::Tensor(),
+            has_bias ? sum_dy : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor batch_norm_train_autograd(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                     const c10::optional<at::Tensor>& bias,
+                                     const c10::optional<at::Tensor>& running_mean,
+                                     const c10::optional<at::Tensor>& running_var, double eps, double momentum,
+                                     double unbias) {
+  return BatchNormTrain::apply(x, weight, bias, running_mean, running_var, eps, momentum, unbias);
+}
+
+// Below autograd (inference mode, or no autograd at all): the forward alone.
+at::Tensor batch_norm_train_plain(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+                                  const c10::optional<at::Tensor>& running_var, double eps, double momentum,
+                                  double unbias) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bnlab::bn_train_forward", "")
+                       .typed<decltype(bn_train_forward)>();
+  return std::get<0>(op.call(x, weight, bias, running_mean, running_var, eps, momentum, unbias));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bnlab, m) {
@@ -447,10 +595,28 @@ TORCH_LIBRARY(bnlab, m) {
         "float d_max) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("ghost_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, int ghosts, "
         "int per_ghost, int channels, int spatial, bool need_input_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("bn_train_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+        "float eps, float momentum, float unbias) -> (Tensor, Tensor, Tensor)");
+  m.def("bn_train_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, "
+        "bool need_input_grad) -> (Tensor?, Tensor, Tensor)");
+  m.def("batch_norm_train(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+        "float eps, float momentum, float unbias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bnlab, CPU, m) {
   m.impl("ghost_forward", &ghost_forward);
   m.impl("renorm_forward", &renorm_forward);
   m.impl("ghost_backward", &ghost_backward);
+  m.impl("bn_train_forward", &bn_train_forward);
+  m.impl("bn_train_backward", &bn_train_backward);
+  m.impl("batch_norm_train", &batch_norm_train_plain);
+}
+
+TORCH_LIBRARY_IMPL(bnlab, Autograd, m) {
+  m.impl("batch_norm_train", &batch_norm_train_autograd);
+}
+
+TORCH_LIBRARY_IMPL(bnlab, Meta, m) {
+  m.impl("bn_train_forward", &bn_train_forward_meta);
+  m.impl("bn_train_backward", &bn_train_backward_meta);
 }

@@ -1,0 +1,88 @@
+"""Which implementation trains plain batch norm: torch's (ATen) or bnlab's compiled CPU kernel.
+
+* ``"aten"``: ``torch.nn.functional.batch_norm``, bit for bit torch's numbers.
+* ``"compiled"``: bnlab's kernel (``csrc/ghost_batch_norm.cpp`` with one ghost, forward and
+  backward in C++, autograd registered in C++) for every training call it can serve: a float32 or
+  float64 CPU input with at least two values per channel, parameters and buffers of its dtype.
+  Everything else (inference, half precision, the non-finite guard) stays on ATen.
+* ``"auto"`` (the default): the compiled kernel only where the measured dispatch table
+  (:mod:`bnlab.functional.dispatch_table`, written by ``benchmarks/make_dispatch_table.py``) says it
+  is faster than ATen on this kind of input, ATen elsewhere. The choice depends on the layout, the
+  dtype and the size, never on timing a call. What "auto" promises: results equal to torch's to
+  float32 round-off (outputs, gradients and running statistics; the bound the tests hold it to is in
+  the README), not bit-identical: the kernel sums in a different order.
+
+``BNLAB_COMPILED_KERNELS=0`` makes the default ``"aten"`` (and disables every compiled kernel).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["set_backend", "get_backend", "BACKENDS", "compiled_serves", "compiled_layout"]
+
+BACKENDS = ("aten", "compiled", "auto")
+_backend = "aten" if os.environ.get("BNLAB_COMPILED_KERNELS", "1") == "0" else "auto"
+
+
+def set_backend(name: str) -> None:
+    """Choose the implementation behind training batch norm: ``"aten"``, ``"compiled"`` or ``"auto"``."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def compiled_layout(x: Tensor) -> str:
+    """The dispatch table's name for how the kernel reads ``x``: ``rows`` ((N, C), or spatial size 1),
+    ``channels_last`` (4-D/5-D), or ``planes_3d`` / ``planes_4d`` / ``planes_5d`` (contiguous (N, C, *))."""
+    n, c = x.shape[0], x.shape[1]
+    if x.dim() == 2 or x.numel() == n * c:
+        return "rows"
+    if not x.is_contiguous() and (
+            (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+            or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))):
+        return "channels_last"
+    return f"planes_{x.dim()}d"
+
+
+def _eligible(x: Tensor, *params: Optional[Tensor]) -> bool:
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() < 2:
+        return False
+    if x.numel() <= x.shape[1]:  # empty, or one value per channel: ATen raises the right error
+        return False
+    for p in params:
+        if p is not None and (p.dtype != x.dtype or p.device.type != "cpu" or not p.is_contiguous()):
+            return False
+    from bnlab.functional.compiled import load_kernels
+
+    return load_kernels()
+
+
+def _faster_here(x: Tensor) -> bool:
+    from bnlab.functional.dispatch_table import FASTER
+
+    if not FASTER or x.dim() < 2:
+        return False
+    ranges = FASTER.get((compiled_layout(x), str(x.dtype).removeprefix("torch.")), ())
+    values_per_channel = x.numel() // x.shape[1]
+    return any(low <= values_per_channel < high and x.shape[1] >= min_channels
+               for low, high, min_channels in ranges)
+
+
+def compiled_serves(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+                    running_var: Optional[Tensor]) -> bool:
+    """Whether a training batch-norm call goes to the compiled kernel under the current backend."""
+    if _backend == "aten":
+        return False
+    if _backend == "auto" and not _faster_here(x):  # before eligibility: nothing is built for ATen's calls
+        return False
+    return _eligible(x, weight, bias, running_mean, running_var)
