@@ -59,6 +59,9 @@ def _eligible(x: Tensor, *params: Optional[Tensor]) -> bool:
         return False
     if x.numel() <= x.shape[1]:  # empty, or one value per channel: ATen raises the right error
         return False
+    # vmap and torch.func's grad wrap tensors; the op has no batching rule and ATen's kernel does
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return False
     for p in params:
         if p is not None and (p.dtype != x.dtype or p.device.type != "cpu" or not p.is_contiguous()):
             return False

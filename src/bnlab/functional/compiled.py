@@ -150,10 +150,15 @@ def build_extension(name: str, sources: list[Path], ops: tuple[str, ...], cflags
         return _state[name]
 
 
-@torch._dynamo.assume_constant_result  # torch.compile runs it once while tracing (a build takes a lock)
 def load_kernels() -> bool:
     """Build (once per machine) and load the normalization kernels; True when ``torch.ops.bnlab`` has them."""
     return build_extension("bnlab_kernels", _SOURCES,
                            ("bnlab::ghost_forward", "bnlab::ghost_backward", "bnlab::renorm_forward",
                             "bnlab::bn_train_forward", "bnlab::bn_train_backward", "bnlab::batch_norm_train"))
 
+
+# torch.compile calls load_kernels once while tracing and keeps the answer (tracing cannot enter the
+# build's lock). This attribute is all torch.compiler.assume_constant_result sets; set directly, so that
+# importing bnlab does not import torch._dynamo (a second, and its optional-dependency probes).
+# tests/test_compiled_batch_norm.py compiles with fullgraph=True in a fresh process to keep this honest.
+load_kernels._dynamo_marked_constant = True
