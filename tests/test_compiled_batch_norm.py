@@ -236,3 +236,14 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_kernels_command_builds_and_reports(capsys, compiled_backend):
+    from bnlab.cli.main import main
+
+    assert main(["kernels", "build"]) == 0
+    assert "built and loaded" in capsys.readouterr().out
+    assert main(["kernels", "status"]) == 0
+    out = capsys.readouterr().out
+    assert "compiled kernels: built" in out and "backend 'compiled'" in out
+    assert "planes_4d      float32  compiled" in out

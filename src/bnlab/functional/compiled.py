@@ -33,7 +33,7 @@ import torch
 
 from bnlab._paths import user_cache_path
 
-__all__ = ["load_kernels", "build_extension"]
+__all__ = ["load_kernels", "build_extension", "kernel_status"]
 
 _SOURCES = [Path(__file__).parent / "csrc" / "ghost_batch_norm.cpp"]
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -100,13 +100,18 @@ def _exclusive(build_dir: Path):
         yield
 
 
+def _build_dir(name: str, sources: list[Path], cflags: tuple[str, ...] = ()) -> tuple[str, Path]:
+    """The extension's full name and its build directory for these sources, flags, torch and CPU."""
+    full_name = f"{name}_{_build_key(sources, _CFLAGS + list(cflags))}"
+    return full_name, _cache_dir() / full_name
+
+
 def _build(name: str, sources: list[Path], cflags: tuple[str, ...] = ()) -> None:
     from torch.utils import cpp_extension
 
     _ensure_ninja_on_path()
     flags = _CFLAGS + list(cflags)
-    full_name = f"{name}_{_build_key(sources, flags)}"
-    build_dir = _cache_dir() / full_name
+    full_name, build_dir = _build_dir(name, sources, cflags)
     build_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(build_dir):
         cpp_extension.load(name=full_name, sources=[str(s) for s in sources], extra_cflags=flags,
@@ -148,6 +153,17 @@ def build_extension(name: str, sources: list[Path], ops: tuple[str, ...], cflags
                 RuntimeWarning, stacklevel=3)
             _state[name] = False
         return _state[name]
+
+
+def kernel_status() -> dict:
+    """What is built for this machine, without building anything: the library's path, whether it
+    exists, whether this process has loaded it, and what it is keyed by."""
+    full_name, build_dir = _build_dir("bnlab_kernels", _SOURCES)
+    library = build_dir / f"{full_name}.so"
+    return {"library": str(library), "built": library.is_file(), "loaded": _state.get("bnlab_kernels"),
+            "cpu": f"{platform.machine()} (instruction-set signature {_cpu_signature()})",
+            "torch": torch.__version__, "flags": " ".join(_CFLAGS),
+            "disabled": os.environ.get("BNLAB_COMPILED_KERNELS", "1") == "0"}
 
 
 def load_kernels() -> bool:
