@@ -1,6 +1,7 @@
 """Batch-norm op speed: bnlab vs torch.nn vs a naive eager version, side by side in one process.
 
-Training mode, float32, 2 threads. For every shape the implementations run in
+Training mode, float32, 2 threads. "bnlab" is the default backend ("auto": the measured dispatch
+table), "bnlab compiled" forces the compiled kernel for plain batch norm. For every shape the implementations run in
 interleaved rounds, in a new random order each round (so machine noise and
 cache state hit all of them alike), and the median
 time per call is reported, with:
@@ -61,6 +62,25 @@ class NaiveBatchNorm(nn.Module):
         return (x - mean) / torch.sqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
 
 
+class OnBackend(nn.Module):
+    """A batch-norm layer whose training calls run on one backend of ``bnlab.functional.set_backend``
+    (the backward follows the forward's choice: it is recorded in the autograd graph)."""
+
+    def __init__(self, layer: nn.Module, backend: str):
+        super().__init__()
+        self.layer, self.backend = layer, backend
+
+    def forward(self, x):
+        import bnlab.functional as BF
+
+        before = BF.get_backend()
+        BF.set_backend(self.backend)
+        try:
+            return self.layer(x)
+        finally:
+            BF.set_backend(before)
+
+
 def implementations(shape) -> dict[str, tuple[str, Callable[[], nn.Module]]]:
     """{name: (reference name, factory)}: each contender is compared with its reference."""
     c = shape[1]
@@ -72,6 +92,7 @@ def implementations(shape) -> dict[str, tuple[str, Callable[[], nn.Module]]]:
         "torch.nn #2": ("torch.nn", lambda: torch_bn(c)),  # control: same code, shows the noise floor
         "bnlab": ("torch.nn", lambda: bnn.make_norm("batch", c, spatial=spatial)),
         "bnlab keras": ("torch.nn", lambda: bnn.make_norm("batch", c, spatial=spatial, convention="keras")),
+        "bnlab compiled": ("torch.nn", lambda: OnBackend(bnn.make_norm("batch", c, spatial=spatial), "compiled")),
         "naive eager": ("torch.nn", lambda: NaiveBatchNorm(c)),
         "renorm": ("torch.nn", lambda: bnn.make_norm("renorm", c, spatial=spatial)),
         "ghost": ("torch.nn", lambda: bnn.make_norm("ghost", c, spatial=spatial, virtual_batch_size=max(2, shape[0] // 4))),
