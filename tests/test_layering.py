@@ -10,7 +10,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "bnlab"
 LAYERS = {
     "base": ["_paths", "_json", "errors"],  # stdlib-only modules that every layer may use
-    "library": ["functional", "nn", "reference", "tools"],
+    "library": ["functional", "nn", "reference", "tools", "doctor"],
     "lab": ["data", "models", "train", "store", "stats", "experiments", "probes"],
     "interface": ["report", "cli", "web"],  # what a person reads or runs: tables, HTML, the command, the app
 }
