@@ -31,10 +31,11 @@ CASES = [
     (bnn.InstanceNorm1d, (6,), {"affine": True, "track_running_stats": True}, (8, 6, 5), nn.InstanceNorm1d),
     (bnn.InstanceNorm2d, (6,), {"affine": True}, (8, 6, 4, 4), nn.InstanceNorm2d),
     (bnn.InstanceNorm3d, (6,), {}, (4, 6, 3, 3, 3), nn.InstanceNorm3d),
+    (bnn.SyncBatchNorm, (6,), {}, (8, 6, 4, 4), nn.BatchNorm2d),  # outside a process group: batch norm
 ]
 IDS = [f"{c[0].__name__}-{len(c[3])}d" + ("-keras" if c[2].get("convention") == "keras" else "") for c in CASES]
 BATCH_STATISTICS = (bnn.BatchNorm1d, bnn.BatchNorm2d, bnn.BatchNorm3d, bnn.BatchRenorm1d, bnn.BatchRenorm2d,
-                    bnn.BatchRenorm3d, bnn.GhostBatchNorm1d, bnn.GhostBatchNorm2d)
+                    bnn.BatchRenorm3d, bnn.GhostBatchNorm1d, bnn.GhostBatchNorm2d, bnn.SyncBatchNorm)
 
 
 def test_every_public_layer_class_has_a_case():

@@ -5,6 +5,8 @@
 * fixed statistics: :class:`FrozenBatchNorm1d/2d/3d`, :func:`freeze_batchnorm`,
   :func:`unfreeze_batchnorm`
 * per-sample statistics: :class:`LayerNorm`, :class:`GroupNorm`, :class:`InstanceNorm1d/2d/3d`
+* across processes: :class:`SyncBatchNorm` (CPU/gloo and GPU), :func:`convert_sync_batchnorm`,
+  :func:`revert_sync_batchnorm`
 * :func:`make_norm` builds any of them by name.
 """
 
@@ -18,6 +20,7 @@ from bnlab.nn.frozen import (
     freeze_batchnorm,
     unfreeze_batchnorm,
 )
+from bnlab.nn.sync import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 from bnlab.nn.variants import (
     BatchRenorm1d,
     BatchRenorm2d,
@@ -34,6 +37,7 @@ __all__ = [
     "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze_batchnorm", "unfreeze_batchnorm",
     "LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "make_norm", "NORM_KINDS", "default_groups",
+    "SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm",
 ]
 
 
