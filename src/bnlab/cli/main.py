@@ -6,11 +6,11 @@ import argparse
 import sys
 
 import bnlab
-from bnlab.cli import claims, compare, convert, data, demo, doctor, kernels, presets, runs, serve
+from bnlab.cli import claims, compare, convert, data, demo, doctor, kernels, presets, runs, serve, train
 from bnlab.errors import EXTRAS, BnlabError, StopRequested
 
 # Each module exposes add_parser(subparsers) and run(args) -> int.
-SUBCOMMANDS = [compare, claims, runs, presets, data, kernels, convert, doctor, demo, serve]
+SUBCOMMANDS = [compare, claims, train, runs, presets, data, kernels, convert, doctor, demo, serve]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,131 @@
+"""Data-parallel training of one model with DistributedDataParallel and synchronised batch norm.
+
+Launched by ``torchrun`` (or ``bnlab train --nproc N``, which calls torchrun), every process trains
+the same model on its share of each batch:
+
+* the global batch of ``batch_size`` examples is split over the W workers by a
+  ``DistributedSampler`` (each epoch a seeded permutation; worker r takes every W-th example), so the
+  W slices of a step are exactly the examples one process would take for that step;
+* every batch norm is a :class:`bnlab.nn.SyncBatchNorm`: it normalizes with the statistics of the
+  whole global batch, so the model computes what it computes on one process;
+* each worker's loss is its slice's summed cross-entropy over the global batch size, times W, and
+  DDP averages the gradients over the W workers: the gradient is the global batch's mean gradient.
+
+Hence W processes train the model one process trains, to float32 round-off (tested with 2 gloo
+processes). Rank 0 evaluates and writes the run store; the others only train.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bnlab.data import Dataset
+from bnlab.models import ModelSpec, build_model
+from bnlab.train.config import TrainConfig
+from bnlab.train.engine import _make_optimizer, prepare_data
+
+__all__ = ["train_data_parallel", "DistributedResult", "world_from_environment"]
+
+
+@dataclass
+class DistributedResult:
+    world_size: int
+    steps: int
+    seconds_per_step: float
+    test_acc: float
+    test_loss: float
+    model: nn.Module  # rank 0's model (the same on every rank), unwrapped, SyncBatchNorm reverted
+    run_id: str | None = None
+
+
+def world_from_environment() -> tuple[int, int]:
+    """``(rank, world size)`` as torchrun sets them (``RANK``, ``WORLD_SIZE``), or ``(0, 1)``."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    was = model.training
+    model.eval()
+    loss, correct = 0.0, 0
+    for start in range(0, len(x), 1000):
+        logits = model(x[start : start + 1000])
+        loss += float(nn.functional.cross_entropy(logits, y[start : start + 1000], reduction="sum"))
+        correct += int((logits.argmax(1) == y[start : start + 1000]).sum())
+    model.train(was)
+    return loss / len(x), correct / len(x)
+
+
+def train_data_parallel(spec: ModelSpec, cfg: TrainConfig, dataset: Dataset, *, seed: int = 0,
+                        store=None, label: str = "train", log=print) -> DistributedResult:
+    """Train ``spec`` with ``cfg`` on ``dataset`` across the process group torchrun set up (or in this
+    process alone), as described in the module docstring; returns rank 0's result on every rank."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DistributedSampler
+
+    import bnlab.nn as bnn
+
+    rank, world = world_from_environment()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+    if cfg.batch_size % world:
+        raise ValueError(f"batch size {cfg.batch_size} does not split over {world} workers; choose a multiple")
+    data = prepare_data(dataset, cfg, spec)
+    model = bnn.convert_sync_batchnorm(build_model(spec, seed=seed))
+    model.train()
+    net = DistributedDataParallel(model) if world > 1 else model
+    optimizer = _make_optimizer(cfg, model.parameters())
+    n = len(data.train_y)
+    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                 drop_last=cfg.drop_last)
+    local_batch = cfg.batch_size // world
+    steps_per_epoch = cfg.steps_per_epoch(n)
+    total = cfg.total_steps(n)
+    run_id = None
+    if rank == 0 and store is not None:
+        from bnlab.train.runner import code_version, group_config
+
+        config = {**group_config(label, spec, cfg, [seed]), "world_size": world}
+        # every invocation trains (the other ranks cannot know what rank 0 would reuse), and is recorded
+        key = f"distributed:{label}:{uuid.uuid4().hex}"
+        _, group_id, (run_id,) = store.claim_group(key, [(label, seed, config)], total, code_version())
+    step, started = 0, time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        # dropout: each rank draws its own masks for its slice (the one way W workers differ from one
+        # process; without dropout they train the same model)
+        torch.manual_seed(seed * 1000 + rank)
+        while step < total:
+            sampler.set_epoch(step // steps_per_epoch)
+            order = torch.tensor(list(iter(sampler)))
+            for position in range(steps_per_epoch):
+                if step >= total:
+                    break
+                idx = order[position * local_batch : (position + 1) * local_batch]
+                x, y = data.train_x[idx], data.train_y[idx]
+                optimizer.zero_grad(set_to_none=True)
+                loss = nn.functional.cross_entropy(net(x), y, reduction="sum") * world / cfg.batch_size
+                loss.backward()
+                optimizer.step()
+                step += 1
+                if rank == 0 and cfg.is_eval_step(step, total):
+                    test_loss, test_acc = _evaluate(model, data.test_x, data.test_y)
+                    if store is not None:
+                        store.log_metrics(step, [(run_id, "test_acc", test_acc), (run_id, "test_loss", test_loss)])
+                        store.heartbeat(group_id, steps_done=step)
+                    log(f"step {step}/{total}: test accuracy {test_acc:.4f}")
+    seconds = (time.perf_counter() - started) / max(1, total)
+    plain = bnn.revert_sync_batchnorm(model)
+    test_loss, test_acc = _evaluate(plain, data.test_x, data.test_y) if rank == 0 else (float("nan"),) * 2
+    if rank == 0 and store is not None:
+        store.set_summary(run_id, {"final_test_acc": test_acc, "world_size": world, "seconds_per_step": seconds})
+        store.mark(group_id, "finished", steps_done=total, add_wall_seconds=seconds * total)
+    if world > 1:
+        dist.barrier()
+    return DistributedResult(world, total, seconds, test_acc, test_loss, plain, run_id)

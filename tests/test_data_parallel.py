@@ -1,0 +1,66 @@
+"""bnlab train's data-parallel engine: two gloo processes train the model one process trains."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bnlab.store import RunStore
+from bnlab.train.distributed import train_data_parallel
+from test_sync_batch_norm import _free_port
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import ddp_worker  # noqa: E402
+from fakes import fake_dataset  # noqa: E402
+
+
+@pytest.mark.slow
+def test_two_processes_train_what_one_process_trains(tmp_path, monkeypatch):
+    port, out = _free_port(), tmp_path / "rank0.pt"
+    procs = [subprocess.Popen([sys.executable, str(HERE / "ddp_worker.py"), str(rank), "2", str(port), str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(HERE)})
+             for rank in range(2)]
+    deadline = time.monotonic() + 180
+    for p in procs:
+        try:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("a data-parallel worker hung")
+    assert all(p.returncode == 0 for p in procs), [p.stderr.read().decode()[-2000:] for p in procs]
+    parallel = torch.load(out)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    store = RunStore(tmp_path / "runs.sqlite")
+    single = train_data_parallel(ddp_worker.SPEC, ddp_worker.CFG, fake_dataset(n_train=320, n_test=100), seed=3,
+                                 store=store, log=lambda *a: None)
+    for name, value in single.model.state_dict().items():
+        torch.testing.assert_close(parallel["state"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+    assert parallel["test_acc"] == pytest.approx(single.test_acc, abs=0.011)
+    (record,) = store.runs()
+    assert record.status == "finished" and store.metrics(record.id)["test_acc"][-1][1] == pytest.approx(single.test_acc)
+
+
+def test_a_batch_that_does_not_split_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    with pytest.raises(ValueError, match="does not split over 3 workers"):
+        train_data_parallel(ddp_worker.SPEC, ddp_worker.CFG, fake_dataset(n_train=64, n_test=10))
+
+
+def test_train_command_rejects_an_unknown_preset(capsys):
+    from bnlab.cli.main import main
+
+    assert main(["train", "--preset", "nope"]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
