@@ -283,3 +283,15 @@ def test_report_summary_table_anchor_line_and_how_each_result_was_made():
     assert "| 2 | `bnlab claims run higher-lr` | 10.0 min | 2026-12-03 11:00 |" in md
     # a follow-up is announced in its claim's section, not yet run
     assert "*Follow-up:* claim 15" in md and "| 15 |" in md
+
+
+def test_report_markdown_elsewhere_links_its_figures_relative_to_itself(tmp_path, tiny_protocols):
+    store = RunStore(tmp_path / "runs.sqlite")
+    ctx = ClaimContext(store=store, quick=True, seeds=2, out_dir=tmp_path / "plots", progress=False,
+                       datasets={"mnist": fake_dataset(n_train=256, n_test=100)})
+    CLAIMS["output-layer"].execute(ctx)
+    paths = write_claims_report(load_results(tmp_path / "claims"), tmp_path / "docs" / "claims",
+                                tmp_path / "docs" / "claims.md")
+    text = paths["markdown"].read_text()
+    assert "![output-layer](claims/output-layer.quick.png)" in text
+    assert (tmp_path / "docs" / "claims" / "output-layer.quick.png").exists()

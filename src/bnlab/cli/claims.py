@@ -22,7 +22,10 @@ def add_parser(subparsers) -> None:
     run.add_argument("--out", type=Path, default=Path("out/claims"), help="where plots go (default: out/claims)")
     run.add_argument("--no-progress", action="store_true")
     report = sub.add_parser("report", help="write claims.md and index.html from the latest results")
-    report.add_argument("--out", type=Path, default=Path("out/claims"), help="(default: out/claims)")
+    report.add_argument("--out", type=Path, default=Path("out/claims"),
+                        help="figures and the self-contained index.html (default: out/claims)")
+    report.add_argument("--markdown", type=Path, default=None,
+                        help="where claims.md goes, its image links relative to it (default: OUT/claims.md)")
     for action in (sub.choices["list"], run, report):
         add_store_option(action)
     p.set_defaults(run=_dispatch)
@@ -64,7 +67,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                 print(f"    rule: {claim.rule}")
             return 0
         if args.claims_command == "report":
-            paths = write_claims_report(load_results(results_dir) if results_dir.exists() else {}, args.out)
+            paths = write_claims_report(load_results(results_dir) if results_dir.exists() else {}, args.out,
+                                        args.markdown)
             print(f"report: {paths['markdown']} and {paths['html']}")
             return 0
         names = sorted(CLAIMS, key=lambda n: CLAIMS[n].number) if args.name == "all" else [args.name]

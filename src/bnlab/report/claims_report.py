@@ -189,15 +189,19 @@ def draw_figures(results: dict[str, ClaimResult], out_dir: Path) -> list[Path]:
     return drawn
 
 
-def write_claims_report(results: dict[str, ClaimResult], out_dir: Path) -> dict[str, Path]:
-    """Write ``claims.md`` with its figures (PNG files beside it) and ``index.html``, one self-contained
-    page with the figures inline, into ``out_dir``."""
+def write_claims_report(results: dict[str, ClaimResult], out_dir: Path, markdown: Path | None = None) -> dict[str, Path]:
+    """Write the figures (PNG files) and ``index.html``, one self-contained page with the figures inline,
+    into ``out_dir``, and the Markdown report to ``markdown`` (default ``out_dir/claims.md``), its image
+    links relative to where it is."""
+    import os
+
     draw_figures(results, out_dir)
-    markdown = render_markdown(results)
-    md_path = out_dir / "claims.md"
-    md_path.write_text(markdown)
+    md_path = markdown if markdown is not None else out_dir / "claims.md"
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = os.path.relpath(out_dir.resolve(), md_path.parent.resolve())
+    md_path.write_text(render_markdown(results, "" if prefix == "." else prefix.replace(os.sep, "/") + "/"))
     html_path = out_dir / "index.html"
-    html_path.write_text(render_html(markdown, out_dir))
+    html_path.write_text(render_html(render_markdown(results), out_dir))
     return {"markdown": md_path, "html": html_path}
 
 
