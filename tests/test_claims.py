@@ -295,3 +295,41 @@ def test_report_markdown_elsewhere_links_its_figures_relative_to_itself(tmp_path
     text = paths["markdown"].read_text()
     assert "![output-layer](claims/output-layer.quick.png)" in text
     assert (tmp_path / "docs" / "claims" / "output-layer.quick.png").exists()
+
+
+def test_claims_split_into_balanced_queues_longest_first():
+    from bnlab.cli.claims import _queues
+
+    expected = {"higher-lr": 1400.0, "trains-faster": 3000.0, "placement": 300.0, "ghost": 600.0,
+                "accumulation": 90.0}
+    queues = _queues(list(expected) + ["ics"], 2, expected)  # ics never ran here: counted as the longest
+    assert sorted(sum(queues, [])) == sorted(list(expected) + ["ics"])
+    loads = [sum(expected.get(n, 3000.0) for n in q) for q in queues]
+    assert max(loads) - min(loads) <= 1400.0  # no better split exists than within the largest item
+    assert all(q == sorted(q, key=lambda n: CLAIMS[n].number) for q in queues)
+    assert _queues(["ghost"], 4, expected) == [["ghost"]]
+
+
+def test_claims_run_jobs_starts_one_process_per_queue_with_the_cores_divided(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    from bnlab.cli.main import main
+
+    started = []
+
+    class FakeProcess:
+        def __init__(self, command, env, **kwargs):
+            started.append((command, env["OMP_NUM_THREADS"]))
+            self.stdout = iter([f" 1. {command[-1]}: supported\n"])
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert main(["claims", "run", "placement", "ghost", "--jobs", "2", "--quick", "--store",
+                 str(tmp_path / "runs.sqlite"), "--out", str(tmp_path / "plots")]) == 0
+    assert len(started) == 2 and all(threads == "1" for _, threads in started)
+    assert {command[-1] for command, _ in started} == {"placement", "ghost"}
+    assert all("--quick" in command and "--no-progress" in command for command, _ in started)
+    assert "[job 1]" in capsys.readouterr().out

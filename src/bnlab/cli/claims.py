@@ -15,12 +15,16 @@ def add_parser(subparsers) -> None:
     sub = p.add_subparsers(dest="claims_command", metavar="ACTION", required=True)
     sub.add_parser("list", help="the claims, their verdict rules, and the latest verdicts")
     run = sub.add_parser("run", help="run one claim (or 'all'); finished runs are reused, interrupted ones resume")
-    run.add_argument("name", help="a claim name from 'bnlab claims list', or 'all'")
+    run.add_argument("names", nargs="+", metavar="NAME", help="claim names from 'bnlab claims list', or 'all'")
     run.add_argument("--quick", action="store_true",
                      help="the short protocol (fewer steps and seeds, stated in the results)")
     run.add_argument("--seeds", type=positive_int, default=None, help="seeds per arm (default: 3 quick, 5 full)")
     run.add_argument("--out", type=Path, default=Path("out/claims"), help="where plots go (default: out/claims)")
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--jobs", type=positive_int, default=1,
+                     help="claims run in this many processes at once, the cores shared among them (each process "
+                          "then trains with cores/jobs threads; two 2-thread jobs on 2 cores would stall each "
+                          "other). Default 1")
     report = sub.add_parser("report", help="write claims.md and index.html from the latest results")
     report.add_argument("--out", type=Path, default=Path("out/claims"),
                         help="figures and the self-contained index.html (default: out/claims)")
@@ -50,6 +54,62 @@ def _clock(seconds: float) -> str:
     return time.strftime("%H:%M", time.localtime(time.time() + seconds))
 
 
+def _queues(names: list[str], jobs: int, expected: dict[str, float]) -> list[list[str]]:
+    """Claims split into ``jobs`` queues, longest first onto the least loaded queue (a claim never run
+    here counts as the longest known); each queue keeps the claims in their number order."""
+    from bnlab.experiments.claims import CLAIMS
+
+    longest = max(expected.values(), default=1.0)
+    load = [0.0] * jobs
+    queues: list[list[str]] = [[] for _ in range(jobs)]
+    for name in sorted(names, key=lambda n: -expected.get(n, longest)):
+        i = load.index(min(load))
+        queues[i].append(name)
+        load[i] += expected.get(name, longest)
+    return [sorted(q, key=lambda n: CLAIMS[n].number) for q in queues if q]
+
+
+def _run_in_parallel(args: argparse.Namespace, names: list[str], results_dir: Path, protocol: str, seeds: int) -> int:
+    """Each queue in a ``bnlab claims run`` process of its own, with the cores divided among them. Claims
+    that share arms (1, 9, 11, 14, 15) stay correct: the store lets one process train a shared arm while
+    another waits for it and then reuses it."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    expected = {n: e for n in names if (e := _expected_seconds(results_dir, n, protocol, seeds)) is not None}
+    queues = _queues(names, args.jobs, expected)
+    threads = max(1, (os.cpu_count() or 1) // len(queues))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    base = [sys.executable, "-m", "bnlab.cli.main", "claims", "run", "--seeds", str(seeds), "--out", str(args.out),
+            "--no-progress", "--store", str(args.store or "")]
+    if args.store is None:
+        base = base[:-2]
+    if args.quick:
+        base.append("--quick")
+    print(f"{len(names)} claims in {len(queues)} processes of {threads} thread(s) each:", flush=True)
+    procs = []
+    for i, queue in enumerate(queues):
+        print(f"  job {i + 1}: {', '.join(queue)}", flush=True)
+        procs.append(subprocess.Popen([*base, *queue], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+
+    def relay(i: int, proc) -> None:
+        for line in proc.stdout:
+            if line.strip() and not line.startswith("write the report"):
+                print(f"[job {i + 1}] {line.rstrip()}", flush=True)
+
+    relays = [threading.Thread(target=relay, args=(i, p), daemon=True) for i, p in enumerate(procs)]
+    for t in relays:
+        t.start()
+    codes = [p.wait() for p in procs]
+    for t in relays:
+        t.join()
+    print("write the report with: bnlab claims report")
+    return max(codes)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from bnlab.experiments.claims import CLAIMS, DEFAULT_SEEDS, ClaimContext
     from bnlab.report.claims_report import draw_figures, load_results, write_claims_report
@@ -71,12 +131,14 @@ def _dispatch(args: argparse.Namespace) -> int:
                                         args.markdown)
             print(f"report: {paths['markdown']} and {paths['html']}")
             return 0
-        names = sorted(CLAIMS, key=lambda n: CLAIMS[n].number) if args.name == "all" else [args.name]
+        names = sorted(CLAIMS, key=lambda n: CLAIMS[n].number) if args.names == ["all"] else list(args.names)
         unknown = [n for n in names if n not in CLAIMS]
         if unknown:
             raise UsageError(f"unknown claim {unknown[0]!r}; see 'bnlab claims list'")
         protocol = "quick" if args.quick else "full"
         seeds = args.seeds or DEFAULT_SEEDS[protocol]
+        if args.jobs > 1 and len(names) > 1:
+            return _run_in_parallel(args, names, results_dir, protocol, seeds)
         ctx = ClaimContext(store=store, quick=args.quick, seeds=seeds, out_dir=args.out, fetch=True,
                            progress=not args.no_progress)
         for position, name in enumerate(names, 1):
