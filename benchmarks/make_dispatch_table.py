@@ -28,7 +28,7 @@ import bnlab.nn as bnn
 
 VALUES_PER_CHANNEL = (2 ** 6, 2 ** 9, 2 ** 12, 2 ** 15, 2 ** 18)
 CHANNELS = (16, 128)
-DTYPES = (torch.float32, torch.float64)
+DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 TABLE = Path(__file__).resolve().parents[1] / "src" / "bnlab" / "functional" / "dispatch_table.py"
 
 
@@ -66,8 +66,9 @@ def ratio(layout: str, vpc: int, channels: int, dtype: torch.dtype, rounds: int)
     shape, fmt = shape_for(layout, vpc, channels)
     x = torch.randn(shape, dtype=dtype).contiguous(memory_format=fmt).requires_grad_(True)
     up = torch.randn(shape, dtype=dtype).contiguous(memory_format=fmt)
+    stats = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype  # as under autocast
     layer = {2: bnn.BatchNorm1d, 3: bnn.BatchNorm1d, 4: bnn.BatchNorm2d, 5: bnn.BatchNorm3d}[len(shape)](
-        channels, dtype=dtype)
+        channels, dtype=stats)
     calls = max(1, int(3e6 // x.numel()))
     pairs = []
     order = random.Random(0)

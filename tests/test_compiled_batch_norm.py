@@ -130,9 +130,41 @@ def test_a_non_contiguous_input(compiled_backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_and_mixed_dtypes_stay_on_aten_bit_for_bit(dtype, compiled_backend):
-    x = _input((8, 4, 5, 5), None, dtype)
-    ours, theirs = bnn.BatchNorm2d(4), nn.BatchNorm2d(4)
+@pytest.mark.parametrize("name", ["NC", "NCHW", "NCHW-channels-last"])
+def test_half_precision_inputs_with_float32_statistics_are_as_accurate_as_aten(name, dtype, compiled_backend):
+    """A bfloat16/float16 input with float32 parameters and buffers (what autocast gives a batch norm): the
+    kernel sums in float32; against the float64 oracle its error is no larger than ATen's (plus one
+    rounding step of the output dtype), and the running statistics agree with ATen's to float32 round-off."""
+    shape, fmt = SHAPES[name]
+    x0, up = _input(shape, fmt, dtype), _input(shape, fmt, dtype, seed=7)
+    results = {}
+    for backend in ("compiled", "aten"):
+        BF.set_backend(backend)
+        layer = OURS[len(shape)](shape[1])
+        with torch.no_grad():
+            layer.weight.copy_(torch.linspace(0.5, 1.5, shape[1]))
+            layer.bias.copy_(torch.linspace(-1, 1, shape[1]))
+        y, dx, (dw, db) = _train_step(layer, x0, up)
+        assert y.dtype == dtype and y.is_contiguous(memory_format=fmt or torch.contiguous_format)
+        results[backend] = (y, dx, dw, db, layer.running_mean, layer.running_var)
+    x = x0.double().requires_grad_(True)
+    w = torch.linspace(0.5, 1.5, shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.linspace(-1, 1, shape[1], dtype=torch.float64, requires_grad=True)
+    want = nn.functional.batch_norm(x, None, None, w, b, True)
+    want.backward(up.double())
+    step = torch.finfo(dtype).eps
+    for k, truth in enumerate((want.detach(), x.grad, w.grad, b.grad)):
+        ours = (results["compiled"][k].double() - truth).abs().max()
+        aten = (results["aten"][k].double() - truth).abs().max()
+        assert ours <= aten * 1.5 + step * truth.abs().max(), (k, float(ours), float(aten))
+    for k in (4, 5):
+        torch.testing.assert_close(results["compiled"][k], results["aten"][k], rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_dtypes_it_cannot_serve_stay_on_aten_bit_for_bit(compiled_backend):
+    x = _input((8, 4, 5, 5), None, torch.bfloat16)
+    ours, theirs = bnn.BatchNorm2d(4, dtype=torch.bfloat16), nn.BatchNorm2d(4, dtype=torch.bfloat16)
+    assert not backend.compiled_serves(x, ours.weight, ours.bias, ours.running_mean, ours.running_var)
     assert torch.equal(ours(x), theirs(x))
     assert torch.equal(ours.running_var, theirs.running_var)
 

@@ -3,8 +3,9 @@
 * ``"aten"``: ``torch.nn.functional.batch_norm``, bit for bit torch's numbers.
 * ``"compiled"``: bnlab's kernel (``csrc/ghost_batch_norm.cpp`` with one ghost, forward and
   backward in C++, autograd registered in C++) for every training call it can serve: a float32 or
-  float64 CPU input with at least two values per channel, parameters and buffers of its dtype.
-  Everything else (inference, half precision, the non-finite guard) stays on ATen.
+  float64 CPU input with parameters and buffers of its dtype, or a bfloat16/float16 input with
+  float32 ones (statistics in float32, as torch keeps them under autocast), at least two values per
+  channel. Everything else (inference, mixed dtypes otherwise, the non-finite guard) stays on ATen.
 * ``"auto"`` (the default): the compiled kernel only where the measured dispatch table
   (:mod:`bnlab.functional.dispatch_table`, written by ``benchmarks/make_dispatch_table.py``) says it
   is faster than ATen on this kind of input, ATen elsewhere. The choice depends on the layout, the
@@ -54,8 +55,16 @@ def compiled_layout(x: Tensor) -> str:
     return f"planes_{x.dim()}d"
 
 
+_STATS_DTYPE = {torch.float32: torch.float32, torch.float64: torch.float64,
+                torch.bfloat16: torch.float32, torch.float16: torch.float32}
+
+
 def _eligible(x: Tensor, *params: Optional[Tensor]) -> bool:
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() < 2:
+    """Whether the compiled kernel can serve this training call: a CPU input in float32/float64 with
+    parameters and buffers of its dtype, or in bfloat16/float16 with float32 ones (as under autocast),
+    contiguous buffers, more than one value per channel, not inside vmap, and the kernels built."""
+    stats = _STATS_DTYPE.get(x.dtype)
+    if x.device.type != "cpu" or stats is None or x.dim() < 2:
         return False
     if x.numel() <= x.shape[1]:  # empty, or one value per channel: ATen raises the right error
         return False
@@ -63,7 +72,7 @@ def _eligible(x: Tensor, *params: Optional[Tensor]) -> bool:
     if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x):
         return False
     for p in params:
-        if p is not None and (p.dtype != x.dtype or p.device.type != "cpu" or not p.is_contiguous()):
+        if p is not None and (p.dtype != stats or p.device.type != "cpu" or not p.is_contiguous()):
             return False
     from bnlab.functional.compiled import load_kernels
 

@@ -31,21 +31,25 @@ const T* opt_ptr(const c10::optional<at::Tensor>& t) {
   return (t.has_value() && t->defined()) ? t->data_ptr<T>() : nullptr;
 }
 
+// Types: T is the input's (float, double, or bfloat16/half), A the one statistics and parameters are
+// kept and summed in (T itself for float and double, float for the half-precision types, as ATen
+// does under autocast). Every value read is converted to A first.
+
 // Sum of a contiguous run, vectorized; the caller accumulates runs in double.
-template <typename T>
-inline T run_sum(const T* p, int64_t n) {
-  T s = 0;
+template <typename A, typename T>
+inline A run_sum(const T* p, int64_t n) {
+  A s = 0;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += p[i];
+  for (int64_t i = 0; i < n; ++i) s += static_cast<A>(p[i]);
   return s;
 }
 
-template <typename T>
-inline T run_centered_squares(const T* p, int64_t n, T mean) {
-  T s = 0;
+template <typename A, typename T>
+inline A run_centered_squares(const T* p, int64_t n, A mean) {
+  A s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) {
-    T d = p[i] - mean;
+    A d = static_cast<A>(p[i]) - mean;
     s += d * d;
   }
   return s;
@@ -88,8 +92,8 @@ struct RenormFold {
   }
 };
 
-template <typename T, typename Fold>
-void forward_planes(const T* x, T* y, const Fold& fold, T* mean, T* var, T* invstd,
+template <typename T, typename A, typename Fold>
+void forward_planes(const T* x, T* y, const Fold& fold, A* mean, A* var, A* invstd,
                     int64_t G, int64_t v, int64_t C, int64_t S, double eps) {
   const double n = static_cast<double>(v * S);
   at::parallel_for(0, G * C, 1, [&](int64_t begin, int64_t end) {
@@ -98,25 +102,25 @@ void forward_planes(const T* x, T* y, const Fold& fold, T* mean, T* var, T* invs
       const T* base = x + (g * v * C + c) * S;
       double acc = 0;
       for (int64_t i = 0; i < v; ++i)
-        for (int64_t s0 = 0; s0 < S; s0 += kPlaneRun) acc += run_sum(base + i * C * S + s0, std::min(kPlaneRun, S - s0));
-      const T m = static_cast<T>(acc / n);
+        for (int64_t s0 = 0; s0 < S; s0 += kPlaneRun) acc += run_sum<A>(base + i * C * S + s0, std::min(kPlaneRun, S - s0));
+      const A m = static_cast<A>(acc / n);
       acc = 0;
       for (int64_t i = 0; i < v; ++i)
         for (int64_t s0 = 0; s0 < S; s0 += kPlaneRun)
-          acc += run_centered_squares(base + i * C * S + s0, std::min(kPlaneRun, S - s0), m);
+          acc += run_centered_squares<A>(base + i * C * S + s0, std::min(kPlaneRun, S - s0), m);
       const double var_b = acc / n;
-      const T inv = static_cast<T>(1.0 / std::sqrt(var_b + eps));
+      const A inv = static_cast<A>(1.0 / std::sqrt(var_b + eps));
       mean[t] = m;
-      var[t] = static_cast<T>(var_b);
+      var[t] = static_cast<A>(var_b);
       invstd[t] = inv;
-      T scale, shift;
+      A scale, shift;
       fold(t, c, m, inv, scale, shift);
       T* out = y + (g * v * C + c) * S;
       for (int64_t i = 0; i < v; ++i) {
         const T* xi = base + i * C * S;
         T* yi = out + i * C * S;
 #pragma omp simd
-        for (int64_t s = 0; s < S; ++s) yi[s] = xi[s] * scale + shift;
+        for (int64_t s = 0; s < S; ++s) yi[s] = static_cast<T>(static_cast<A>(xi[s]) * scale + shift);
       }
     }
   });
@@ -176,46 +180,50 @@ void rows_ghost_sums(int64_t G, int64_t R, int64_t C, std::vector<double>& sum_a
 }
 
 // y[row] = x[row] * scale[g] + shift[g] over every row of every ghost.
-template <typename T>
-void rows_affine(const T* x, T* y, const std::vector<T>& scale, const std::vector<T>& shift, int64_t G, int64_t R,
+template <typename T, typename A>
+void rows_affine(const T* x, T* y, const std::vector<A>& scale, const std::vector<A>& shift, int64_t G, int64_t R,
                  int64_t C) {
   at::parallel_for(0, G * R, 64, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t g = row / R;
       const T* xr = x + row * C;
       T* yr = y + row * C;
-      const T* a = scale.data() + g * C;
-      const T* b = shift.data() + g * C;
+      const A* a = scale.data() + g * C;
+      const A* b = shift.data() + g * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) yr[c] = xr[c] * a[c] + b[c];
+      for (int64_t c = 0; c < C; ++c) yr[c] = static_cast<T>(static_cast<A>(xr[c]) * a[c] + b[c]);
     }
   });
 }
 
-template <typename T, typename Fold>
-void forward_rows(const T* x, T* y, const Fold& fold, T* mean, T* var, T* invstd,
+template <typename T, typename A, typename Fold>
+void forward_rows(const T* x, T* y, const Fold& fold, A* mean, A* var, A* invstd,
                   int64_t G, int64_t R, int64_t C, double eps) {
   // One pass for the statistics: sums of (x − K) and (x − K)² with K the ghost's first row, a
   // value from the same distribution, so the shifted moments do not cancel catastrophically.
   std::vector<double> s1, s2;
-  rows_ghost_sums<T>(G, R, C, s1, s2, [&](int64_t g, int64_t row, int64_t c0, int64_t width, T* a, T* q) {
+  rows_ghost_sums<A>(G, R, C, s1, s2, [&](int64_t g, int64_t row, int64_t c0, int64_t width, A* a, A* q) {
     const T* k = x + g * R * C + c0;
     const T* xr = x + row * C + c0;
 #pragma omp simd
-    for (int64_t c = 0; c < width; ++c) { const T d = xr[c] - k[c]; a[c] += d; q[c] += d * d; }
+    for (int64_t c = 0; c < width; ++c) {
+      const A d = static_cast<A>(xr[c]) - static_cast<A>(k[c]);
+      a[c] += d;
+      q[c] += d * d;
+    }
   });
   const double n = static_cast<double>(R);
-  std::vector<T> scale(G * C), shift(G * C);
+  std::vector<A> scale(G * C), shift(G * C);
   for (int64_t g = 0; g < G; ++g) {
     for (int64_t c = 0; c < C; ++c) {
       const double shifted_mean = s1[g * C + c] / n;
       double var_b = s2[g * C + c] / n - shifted_mean * shifted_mean;
       if (var_b < 0) var_b = 0;  // round-off only; unlike std::max this keeps a NaN a NaN
-      const T m = static_cast<T>(x[g * R * C + c] + shifted_mean);
-      const T inv = static_cast<T>(1.0 / std::sqrt(var_b + eps));
+      const A m = static_cast<A>(static_cast<double>(x[g * R * C + c]) + shifted_mean);
+      const A inv = static_cast<A>(1.0 / std::sqrt(var_b + eps));
       const int64_t q = g * C + c;
       mean[q] = m;
-      var[q] = static_cast<T>(var_b);
+      var[q] = static_cast<A>(var_b);
       invstd[q] = inv;
       fold(q, c, m, inv, scale[q], shift[q]);
     }
@@ -224,70 +232,79 @@ void forward_rows(const T* x, T* y, const Fold& fold, T* mean, T* var, T* invstd
 }
 
 // dx = w·invstd·(dy − Σdy/n − (x−μ)·invstd²·Σdy(x−μ)/n); also Σdy and Σdy·x̂ per (ghost, channel).
-template <typename T>
-void backward_planes(const T* dy, const T* x, const T* w, const T* mean, const T* invstd, T* dx,
-                     T* sum_dy, T* sum_dy_xhat, int64_t G, int64_t v, int64_t C, int64_t S) {
+template <typename T, typename A>
+void backward_planes(const T* dy, const T* x, const A* w, const A* mean, const A* invstd, T* dx,
+                     A* sum_dy, A* sum_dy_xhat, int64_t G, int64_t v, int64_t C, int64_t S) {
   const double n = static_cast<double>(v * S);
   at::parallel_for(0, G * C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t g = t / C, c = t % C;
       const int64_t offset = (g * v * C + c) * S;
-      const T m = mean[t], inv = invstd[t];
+      const A m = mean[t], inv = invstd[t];
       double acc_dy = 0, acc_dot = 0;
       for (int64_t i = 0; i < v; ++i) {
         const T* xi = x + offset + i * C * S;
         const T* gi = dy + offset + i * C * S;
         for (int64_t s0 = 0; s0 < S; s0 += kPlaneRun) {
           const int64_t s1 = std::min(S, s0 + kPlaneRun);
-          T s_dy = 0, s_dot = 0;
+          A s_dy = 0, s_dot = 0;
 #pragma omp simd reduction(+ : s_dy, s_dot)
-          for (int64_t s = s0; s < s1; ++s) { s_dy += gi[s]; s_dot += gi[s] * (xi[s] - m); }
+          for (int64_t s = s0; s < s1; ++s) {
+            const A g_s = static_cast<A>(gi[s]);
+            s_dy += g_s;
+            s_dot += g_s * (static_cast<A>(xi[s]) - m);
+          }
           acc_dy += s_dy;
           acc_dot += s_dot;
         }
       }
-      sum_dy[t] = static_cast<T>(acc_dy);
-      sum_dy_xhat[t] = static_cast<T>(acc_dot * inv);
+      sum_dy[t] = static_cast<A>(acc_dy);
+      sum_dy_xhat[t] = static_cast<A>(acc_dot * inv);
       if (!dx) continue;
-      const T k = inv * (w ? w[c] : T(1));
-      const T grad_mean = static_cast<T>(acc_dy / n);
-      const T proj = static_cast<T>(acc_dot / n) * inv * inv;
+      const A k = inv * (w ? w[c] : A(1));
+      const A grad_mean = static_cast<A>(acc_dy / n);
+      const A proj = static_cast<A>(acc_dot / n) * inv * inv;
       for (int64_t i = 0; i < v; ++i) {
         const T* xi = x + offset + i * C * S;
         const T* gi = dy + offset + i * C * S;
         T* di = dx + offset + i * C * S;
 #pragma omp simd
-        for (int64_t s = 0; s < S; ++s) di[s] = (gi[s] - grad_mean - (xi[s] - m) * proj) * k;
+        for (int64_t s = 0; s < S; ++s)
+          di[s] = static_cast<T>((static_cast<A>(gi[s]) - grad_mean - (static_cast<A>(xi[s]) - m) * proj) * k);
       }
     }
   });
 }
 
-template <typename T>
-void backward_rows(const T* dy, const T* x, const T* w, const T* mean, const T* invstd, T* dx,
-                   T* sum_dy, T* sum_dy_xhat, int64_t G, int64_t R, int64_t C) {
+template <typename T, typename A>
+void backward_rows(const T* dy, const T* x, const A* w, const A* mean, const A* invstd, T* dx,
+                   A* sum_dy, A* sum_dy_xhat, int64_t G, int64_t R, int64_t C) {
   std::vector<double> s_dy, s_dot;
-  rows_ghost_sums<T>(G, R, C, s_dy, s_dot, [&](int64_t g, int64_t row, int64_t c0, int64_t width, T* a, T* q) {
-    const T* m = mean + g * C + c0;
+  rows_ghost_sums<A>(G, R, C, s_dy, s_dot, [&](int64_t g, int64_t row, int64_t c0, int64_t width, A* a, A* q) {
+    const A* m = mean + g * C + c0;
     const T* xr = x + row * C + c0;
     const T* gr = dy + row * C + c0;
 #pragma omp simd
-    for (int64_t c = 0; c < width; ++c) { a[c] += gr[c]; q[c] += gr[c] * (xr[c] - m[c]); }
+    for (int64_t c = 0; c < width; ++c) {
+      const A g_c = static_cast<A>(gr[c]);
+      a[c] += g_c;
+      q[c] += g_c * (static_cast<A>(xr[c]) - m[c]);
+    }
   });
   // dx = dy·k + x·k_x + k_0 per (ghost, channel): one affine sweep over two inputs.
   const double n = static_cast<double>(R);
-  std::vector<T> k(G * C), k_x(G * C), k_0(G * C);
+  std::vector<A> k(G * C), k_x(G * C), k_0(G * C);
   for (int64_t g = 0; g < G; ++g) {
     for (int64_t c = 0; c < C; ++c) {
       const int64_t q = g * C + c;
       const double acc_dy = s_dy[q], acc_dot = s_dot[q];
-      const T inv = invstd[q];
-      sum_dy[q] = static_cast<T>(acc_dy);
-      sum_dy_xhat[q] = static_cast<T>(acc_dot * inv);
-      k[q] = inv * (w ? w[c] : T(1));
-      const T proj = static_cast<T>(acc_dot / n) * inv * inv;
+      const A inv = invstd[q];
+      sum_dy[q] = static_cast<A>(acc_dy);
+      sum_dy_xhat[q] = static_cast<A>(acc_dot * inv);
+      k[q] = inv * (w ? w[c] : A(1));
+      const A proj = static_cast<A>(acc_dot / n) * inv * inv;
       k_x[q] = -proj * k[q];
-      k_0[q] = (static_cast<T>(-acc_dy / n) + mean[q] * proj) * k[q];
+      k_0[q] = (static_cast<A>(-acc_dy / n) + mean[q] * proj) * k[q];
     }
   }
   if (!dx) return;
@@ -297,20 +314,28 @@ void backward_rows(const T* dy, const T* x, const T* w, const T* mean, const T* 
       const T* xr = x + row * C;
       const T* gr = dy + row * C;
       T* dr = dx + row * C;
-      const T* a = k.data() + g * C;
-      const T* bx = k_x.data() + g * C;
-      const T* b0 = k_0.data() + g * C;
+      const A* a = k.data() + g * C;
+      const A* bx = k_x.data() + g * C;
+      const A* b0 = k_0.data() + g * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) dr[c] = gr[c] * a[c] + xr[c] * bx[c] + b0[c];
+      for (int64_t c = 0; c < C; ++c)
+        dr[c] = static_cast<T>(static_cast<A>(gr[c]) * a[c] + static_cast<A>(xr[c]) * bx[c] + b0[c]);
     }
   });
 }
 
+inline bool is_reduced(const at::Tensor& x) {
+  return x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+}
+
+// The dtype statistics and parameters are kept in for input x: its own, or float32 for half precision.
+inline at::ScalarType stats_type(const at::Tensor& x) { return is_reduced(x) ? at::kFloat : x.scalar_type(); }
+
 void check_params(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& p, int64_t C,
                   const char* name) {
   if (!p.has_value() || !p->defined()) return;
-  TORCH_CHECK(p->scalar_type() == x.scalar_type() && p->is_contiguous() && p->numel() == C,
-              op, ": ", name, " must be a contiguous (C,) tensor of the input's dtype");
+  TORCH_CHECK(p->scalar_type() == stats_type(x) && p->is_contiguous() && p->numel() == C,
+              op, ": ", name, " must be a contiguous (C,) tensor of the input's dtype (float32 for a half-precision input)");
 }
 
 // x: contiguous buffer holding G ghosts; spatial = 0 selects the rows layout (R = rows per ghost).
@@ -339,15 +364,15 @@ void update_running(at::Tensor& running_mean, at::Tensor& running_var, const at:
   }
 }
 
-template <typename T, typename Fold>
+template <typename T, typename A, typename Fold>
 void forward_any(const at::Tensor& x, at::Tensor& y, const Fold& fold, at::Tensor& mean, at::Tensor& var,
                  at::Tensor& invstd, int64_t ghosts, int64_t per_ghost, int64_t channels, int64_t spatial, double eps) {
   if (spatial > 0)
-    forward_planes<T>(x.data_ptr<T>(), y.data_ptr<T>(), fold, mean.data_ptr<T>(), var.data_ptr<T>(),
-                      invstd.data_ptr<T>(), ghosts, per_ghost, channels, spatial, eps);
+    forward_planes<T, A>(x.data_ptr<T>(), y.data_ptr<T>(), fold, mean.data_ptr<A>(), var.data_ptr<A>(),
+                         invstd.data_ptr<A>(), ghosts, per_ghost, channels, spatial, eps);
   else
-    forward_rows<T>(x.data_ptr<T>(), y.data_ptr<T>(), fold, mean.data_ptr<T>(), var.data_ptr<T>(),
-                    invstd.data_ptr<T>(), ghosts, per_ghost, channels, eps);
+    forward_rows<T, A>(x.data_ptr<T>(), y.data_ptr<T>(), fold, mean.data_ptr<A>(), var.data_ptr<A>(),
+                       invstd.data_ptr<A>(), ghosts, per_ghost, channels, eps);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_forward(
@@ -364,17 +389,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_forward(
   check_params("ghost_forward", x, running_var, channels, "running_var");
   TORCH_CHECK(running_mean.has_value() == running_var.has_value(), "ghost_forward: give both running buffers or none");
   auto y = at::empty_like(x);
-  auto mean = at::empty({ghosts, channels}, x.options());
-  auto var = at::empty({ghosts, channels}, x.options());
-  auto invstd = at::empty({ghosts, channels}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ghost_forward", [&] {
-    const GhostFold<scalar_t> fold{opt_ptr<scalar_t>(weight), opt_ptr<scalar_t>(bias)};
-    forward_any<scalar_t>(x, y, fold, mean, var, invstd, ghosts, per_ghost, channels, spatial, eps);
-    if (running_mean.has_value() && running_mean->defined()) {
-      at::Tensor rm = *running_mean, rv = *running_var;
-      update_running<scalar_t>(rm, rv, mean, var, ghosts, channels, momentum, averaged, unbias);
-    }
-  });
+  const auto stats = x.options().dtype(stats_type(x));
+  auto mean = at::empty({ghosts, channels}, stats);
+  auto var = at::empty({ghosts, channels}, stats);
+  auto invstd = at::empty({ghosts, channels}, stats);
+  const bool tracked = running_mean.has_value() && running_mean->defined();
+  if (is_reduced(x)) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "ghost_forward", [&] {
+      const GhostFold<float> fold{opt_ptr<float>(weight), opt_ptr<float>(bias)};
+      forward_any<scalar_t, float>(x, y, fold, mean, var, invstd, ghosts, per_ghost, channels, spatial, eps);
+      if (tracked) {
+        at::Tensor rm = *running_mean, rv = *running_var;
+        update_running<float>(rm, rv, mean, var, ghosts, channels, momentum, averaged, unbias);
+      }
+    });
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ghost_forward", [&] {
+      const GhostFold<scalar_t> fold{opt_ptr<scalar_t>(weight), opt_ptr<scalar_t>(bias)};
+      forward_any<scalar_t, scalar_t>(x, y, fold, mean, var, invstd, ghosts, per_ghost, channels, spatial, eps);
+      if (tracked) {
+        at::Tensor rm = *running_mean, rv = *running_var;
+        update_running<scalar_t>(rm, rv, mean, var, ghosts, channels, momentum, averaged, unbias);
+      }
+    });
+  }
   return {y, mean, var, invstd};
 }
 
@@ -404,7 +442,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const RenormFold<T> fold{opt_ptr<T>(weight), opt_ptr<T>(bias), running_mean.data_ptr<T>(),
                              running_var.data_ptr<T>(), T(eps), T(r_max), T(d_max), r.data_ptr<T>(),
                              d.data_ptr<T>(), folded_weight.data_ptr<T>()};
-    forward_any<T>(x, y, fold, mean, var, invstd, 1, per_ghost, channels, spatial, eps);
+    forward_any<T, T>(x, y, fold, mean, var, invstd, 1, per_ghost, channels, spatial, eps);
     update_running<T>(running_mean, running_var, mean, var, 1, channels, momentum, false, unbias);
   });
   return {y, mean.view({channels}), invstd.view({channels}), r, d, folded_weight};
@@ -419,20 +457,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_backward(
               "ghost_backward: grad_out must match the saved input's layout and dtype");
   check_params("ghost_backward", x, weight, channels, "weight");
   auto dx = need_input_grad ? at::empty_like(x) : at::Tensor();
-  auto sum_dy = at::empty({ghosts, channels}, x.options());
-  auto sum_dy_xhat = at::empty({ghosts, channels}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ghost_backward", [&] {
-    const scalar_t* w = opt_ptr<scalar_t>(weight);
-    scalar_t* dxp = need_input_grad ? dx.data_ptr<scalar_t>() : nullptr;
+  const auto stats = x.options().dtype(stats_type(x));
+  TORCH_CHECK(mean.scalar_type() == stats_type(x) && invstd.scalar_type() == stats_type(x),
+              "ghost_backward: mean and invstd must be in the statistics dtype");
+  auto sum_dy = at::empty({ghosts, channels}, stats);
+  auto sum_dy_xhat = at::empty({ghosts, channels}, stats);
+  auto run = [&](auto typed_x, auto typed_stats) {
+    using T = decltype(typed_x);
+    using A = decltype(typed_stats);
+    const A* w = opt_ptr<A>(weight);
+    T* dxp = need_input_grad ? dx.data_ptr<T>() : nullptr;
     if (spatial > 0)
-      backward_planes<scalar_t>(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), w, mean.data_ptr<scalar_t>(),
-                                invstd.data_ptr<scalar_t>(), dxp, sum_dy.data_ptr<scalar_t>(),
-                                sum_dy_xhat.data_ptr<scalar_t>(), ghosts, per_ghost, channels, spatial);
+      backward_planes<T, A>(grad_out.data_ptr<T>(), x.data_ptr<T>(), w, mean.data_ptr<A>(), invstd.data_ptr<A>(), dxp,
+                            sum_dy.data_ptr<A>(), sum_dy_xhat.data_ptr<A>(), ghosts, per_ghost, channels, spatial);
     else
-      backward_rows<scalar_t>(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), w, mean.data_ptr<scalar_t>(),
-                              invstd.data_ptr<scalar_t>(), dxp, sum_dy.data_ptr<scalar_t>(),
-                              sum_dy_xhat.data_ptr<scalar_t>(), ghosts, per_ghost, channels);
-  });
+      backward_rows<T, A>(grad_out.data_ptr<T>(), x.data_ptr<T>(), w, mean.data_ptr<A>(), invstd.data_ptr<A>(), dxp,
+                          sum_dy.data_ptr<A>(), sum_dy_xhat.data_ptr<A>(), ghosts, per_ghost, channels);
+  };
+  if (is_reduced(x)) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "ghost_backward", [&] { run(scalar_t(0), float(0)); });
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ghost_backward", [&] { run(scalar_t(0), scalar_t(0)); });
+  }
   if (ghosts == 1) return {dx, sum_dy.view({channels}), sum_dy_xhat.view({channels})};
   return {dx, sum_dy.sum(0), sum_dy_xhat.sum(0)};  // dγ and dβ add up over the ghosts
 }
@@ -516,8 +562,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_train_forward_meta(
     const at::Tensor& x, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
     const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, double, double, double) {
   const auto format = is_channels_last(x) && !x.is_contiguous() ? x.suggest_memory_format() : at::MemoryFormat::Contiguous;
-  return {at::empty(x.sizes(), x.options().memory_format(format)), at::empty({x.size(1)}, x.options()),
-          at::empty({x.size(1)}, x.options())};
+  const auto stats = x.options().dtype(stats_type(x));
+  return {at::empty(x.sizes(), x.options().memory_format(format)), at::empty({x.size(1)}, stats),
+          at::empty({x.size(1)}, stats)};
 }
 
 std::tuple<c10::optional<at::Tensor>, at::Tensor, at::Tensor> bn_train_backward_meta(
@@ -526,7 +573,8 @@ std::tuple<c10::optional<at::Tensor>, at::Tensor, at::Tensor> bn_train_backward_
   const auto format = is_channels_last(x) && !x.is_contiguous() ? x.suggest_memory_format() : at::MemoryFormat::Contiguous;
   c10::optional<at::Tensor> dx;
   if (need_input_grad) dx = at::empty(x.sizes(), x.options().memory_format(format));
-  return {dx, at::empty({x.size(1)}, x.options()), at::empty({x.size(1)}, x.options())};
+  const auto stats = x.options().dtype(stats_type(x));
+  return {dx, at::empty({x.size(1)}, stats), at::empty({x.size(1)}, stats)};
 }
 
 // The autograd formula in C++: no Python between the user's call and the kernels, either way.
