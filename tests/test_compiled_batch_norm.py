@@ -18,7 +18,6 @@ from bnlab.functional import backend
 from bnlab.functional.compiled import load_kernels
 from helpers import TORCH_OF, twin
 
-pytestmark = pytest.mark.skipif(not load_kernels(), reason="never: the Makefile installs a compiler and ninja")
 
 OURS = {2: bnn.BatchNorm1d, 3: bnn.BatchNorm1d, 4: bnn.BatchNorm2d, 5: bnn.BatchNorm3d}
 SHAPES = {  # name: (shape, memory format)
@@ -80,6 +79,19 @@ def test_matches_torch_nn_to_float32_round_off(name, options, compiled_backend):
     ours.eval(), theirs.eval()
     x = _input(shape, fmt, seed=99)
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=2e-5)
+
+
+def test_the_kernels_build_here():
+    """The Makefile installs a compiler and ninja: a failed build must fail the suite, not quietly turn every
+    test below into a test of ATen against itself."""
+    assert load_kernels()
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_the_cpp_autograd_node_records_every_layout(name, compiled_backend):
+    shape, fmt = SHAPES[name]
+    y = OURS[len(shape)](shape[1])(_input(shape, fmt).requires_grad_(True))
+    assert "BatchNormTrain" in y.grad_fn.name()  # the C++ autograd Function, not ATen's NativeBatchNormBackward
 
 
 def test_the_compiled_op_is_what_runs(compiled_backend, monkeypatch):
