@@ -18,6 +18,7 @@ from fakes import fake_dataset  # noqa: E402
 
 SPEC = ModelSpec(hidden=(32, 16), norm="batch")
 CFG = TrainConfig(optimizer="sgd", lr=0.1, momentum=0.9, batch_size=32, steps=24, eval_every=8)
+N_TRAIN = 330  # 10 batches of 32 and one of 10 (5 per worker): the last partial batch is in the test
 
 
 def main() -> None:
@@ -25,7 +26,7 @@ def main() -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=30))
-    result = train_data_parallel(SPEC, CFG, fake_dataset(n_train=320, n_test=100), seed=3, log=lambda *a: None)
+    result = train_data_parallel(SPEC, CFG, fake_dataset(n_train=N_TRAIN, n_test=100), seed=3, log=lambda *a: None)
     if rank == 0:
         torch.save({"state": result.model.state_dict(), "test_acc": result.test_acc}, out)
     dist.destroy_process_group()

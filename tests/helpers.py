@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import torch
 
 import bnlab.nn as bnn
@@ -36,3 +38,10 @@ def assert_close_or_none(a, b, **tol):
         assert a is None and b is None
     else:
         torch.testing.assert_close(a, b, **tol)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a test's process group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

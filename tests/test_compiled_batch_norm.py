@@ -266,7 +266,6 @@ twin.load_state_dict(model.state_dict())
 x = torch.randn(8, 3, 10, 10)
 y = torch.compile(model, backend=capture, fullgraph=True)(x)
 assert any("torch.ops.bnlab.batch_norm_train" in g for g in graphs), graphs
-inductor = torch.compile(copy.deepcopy(twin), fullgraph=True)
 torch.testing.assert_close(y, twin(x), rtol=1e-5, atol=2e-5)
 torch.testing.assert_close(model[1].running_var, twin[1].running_var)
 BF.set_backend("compiled")
@@ -291,3 +290,32 @@ def test_kernels_command_builds_and_reports(capsys, compiled_backend):
     out = capsys.readouterr().out
     assert "compiled kernels: built" in out and "backend 'compiled'" in out
     assert "planes_4d      float32  compiled" in out
+
+
+def test_double_backward_is_a_clear_error_not_a_silent_zero(compiled_backend):
+    layer = bnn.BatchNorm1d(4)
+    x = _input((16, 4), None).requires_grad_(True)
+    y = layer(x).pow(2).sum()
+    with pytest.raises(RuntimeError, match="no double backward.*set_backend\\('aten'\\)"):
+        torch.autograd.grad(y, x, create_graph=True)  # asked for a differentiable gradient: refused at once
+    (g,) = torch.autograd.grad(layer(x).pow(2).sum(), x)  # a plain backward works
+    assert torch.isfinite(g).all()
+
+
+def test_torch_func_grad_over_the_parameters_takes_aten(compiled_backend):
+    from torch.func import functional_call, grad
+
+    layer = bnn.BatchNorm1d(4, track_running_stats=False)  # no buffer for the transform to see mutated
+    params = {k: v.detach().clone() for k, v in layer.named_parameters()}
+    buffers = {k: v.clone() for k, v in layer.named_buffers()}
+    x = _input((16, 4), None)
+
+    def loss(p):
+        return functional_call(layer, {**p, **buffers}, (x,)).pow(2).sum()
+
+    grads = grad(loss)(params)
+    w = params["weight"].clone().requires_grad_(True)
+    b = params["bias"].clone().requires_grad_(True)
+    nn.functional.batch_norm(x, None, None, w, b, True).pow(2).sum().backward()
+    torch.testing.assert_close(grads["weight"], w.grad)
+    torch.testing.assert_close(grads["bias"], b.grad)

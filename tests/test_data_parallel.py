@@ -13,7 +13,7 @@ import torch
 
 from bnlab.store import RunStore
 from bnlab.train.distributed import train_data_parallel
-from test_sync_batch_norm import _free_port
+from helpers import free_port
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -23,7 +23,7 @@ from fakes import fake_dataset  # noqa: E402
 
 @pytest.mark.slow
 def test_two_processes_train_what_one_process_trains(tmp_path, monkeypatch):
-    port, out = _free_port(), tmp_path / "rank0.pt"
+    port, out = free_port(), tmp_path / "rank0.pt"
     procs = [subprocess.Popen([sys.executable, str(HERE / "ddp_worker.py"), str(rank), "2", str(port), str(out)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(HERE)})
              for rank in range(2)]
@@ -40,7 +40,7 @@ def test_two_processes_train_what_one_process_trains(tmp_path, monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     store = RunStore(tmp_path / "runs.sqlite")
-    single = train_data_parallel(ddp_worker.SPEC, ddp_worker.CFG, fake_dataset(n_train=320, n_test=100), seed=3,
+    single = train_data_parallel(ddp_worker.SPEC, ddp_worker.CFG, fake_dataset(n_train=ddp_worker.N_TRAIN, n_test=100), seed=3,
                                  store=store, log=lambda *a: None)
     for name, value in single.model.state_dict().items():
         torch.testing.assert_close(parallel["state"][name], value, rtol=1e-4, atol=1e-5, msg=name)
@@ -64,3 +64,9 @@ def test_train_command_rejects_an_unknown_preset(capsys):
 
     assert main(["train", "--preset", "nope"]) == 2
     assert "unknown preset 'nope'" in capsys.readouterr().err
+
+
+def test_settings_it_does_not_do_are_refused():
+    with pytest.raises(ValueError, match="does not do accumulate, bf16"):
+        train_data_parallel(ddp_worker.SPEC, ddp_worker.CFG.with_(accumulate=2, bf16=True),
+                            fake_dataset(n_train=64, n_test=10))

@@ -136,3 +136,24 @@ def test_doctor_command(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:  # argparse's own exit for a malformed flag
         main(["doctor", f"{target}:bad", "--input-shape", "8,x"])
     assert exc.value.code == 2 and "comma-separated sizes" in capsys.readouterr().err
+
+
+class Functional(nn.Module):
+    """Activations as functions between modules: only the data flow shows what feeds each batch norm."""
+
+    def __init__(self, relu_before_bn: bool):
+        super().__init__()
+        self.relu_before_bn = relu_before_bn
+        self.fc, self.bn, self.out = nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        h = self.bn(torch.relu(h)) if self.relu_before_bn else torch.relu(self.bn(h))
+        return self.out(h)
+
+
+def test_the_data_flow_decides_placement_rules_through_functional_activations():
+    after = {f.rule for f in check(Functional(relu_before_bn=True), X)}
+    assert "BN007" in after and "BN005" not in after  # the ReLU between makes the bias matter
+    before = {f.rule for f in check(Functional(relu_before_bn=False), X)}
+    assert "BN005" in before and "BN007" not in before

@@ -38,6 +38,17 @@ BATCH_STATISTICS = (bnn.BatchNorm1d, bnn.BatchNorm2d, bnn.BatchNorm3d, bnn.Batch
                     bnn.BatchRenorm3d, bnn.GhostBatchNorm1d, bnn.GhostBatchNorm2d, bnn.SyncBatchNorm)
 
 
+@pytest.fixture(params=["auto", "compiled"], autouse=True)
+def backend(request):
+    """Every check on both backends of plain batch norm: the default, and bnlab's compiled kernel."""
+    import bnlab.functional as BF
+
+    before = BF.get_backend()
+    BF.set_backend(request.param)
+    yield request.param
+    BF.set_backend(before)
+
+
 def test_every_public_layer_class_has_a_case():
     public = {getattr(bnn, name) for name in bnn.__all__
               if isinstance(getattr(bnn, name), type) and issubclass(getattr(bnn, name), nn.Module)}

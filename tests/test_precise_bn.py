@@ -115,3 +115,26 @@ def test_bad_calls_say_what_is_wrong_and_change_nothing():
         recompute_bn_stats(nn.Sequential(nn.Linear(4, 4)), [_data()])
     with pytest.raises(ValueError, match="num_batches"):
         recompute_bn_stats(model, [_data()], num_batches=0)
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.unused = nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.first(x)
+
+
+def test_a_batch_norm_the_passes_never_reach_is_an_error_and_nothing_is_written():
+    model = Branchy()
+    with pytest.raises(ValueError, match="no values reached unused"):
+        recompute_bn_stats(model, [_data()])
+    assert torch.equal(model.first.running_mean, torch.zeros(4))  # all or nothing
+
+
+def test_empty_batches_add_nothing():
+    x = _data()
+    layer = nn.BatchNorm1d(4)
+    recompute_bn_stats(nn.Sequential(layer), [x[:0], x, x[:0]])
+    torch.testing.assert_close(layer.running_mean, x.mean(0))

@@ -3,7 +3,6 @@ empty) give what one process gives on the whole batch; a dead worker is a clear 
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -14,21 +13,16 @@ import torch
 from torch import nn
 
 import bnlab.nn as bnn
+from helpers import free_port
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import dist_worker  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(case: str, tmp_path: Path, timeout: float = 120.0) -> list[dict | None]:
     world = len(dist_worker.SLICES[case])
-    port = _free_port()
+    port = free_port()
     outs = [tmp_path / f"{case}-{rank}.pt" for rank in range(world)]
     procs = [subprocess.Popen([sys.executable, str(HERE / "dist_worker.py"), str(rank), str(world), str(port), case,
                                str(outs[rank])], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -103,3 +97,20 @@ def test_convert_and_revert_keep_the_state_and_the_class():
     back = bnn.revert_sync_batchnorm(synced)
     assert type(back[1]) is bnn.BatchNorm2d and type(back[2][2]) is bnn.BatchNorm1d
     assert all(torch.equal(v, state[k]) for k, v in back.state_dict().items())
+
+
+def test_convert_keeps_a_cumulative_average_and_revert_keeps_dtype():
+    model = nn.Sequential(nn.BatchNorm2d(4, momentum=None, dtype=torch.float64))
+    synced = bnn.convert_sync_batchnorm(model)
+    assert synced[0].momentum is None
+    assert bnn.SyncBatchNorm(3).momentum == 0.1 and bnn.SyncBatchNorm(3, convention="keras").momentum == 0.99
+    back = bnn.revert_sync_batchnorm(synced)
+    assert back[0].momentum is None and back[0].running_var.dtype == torch.float64
+    assert back[0].weight.dtype == torch.float64
+
+
+def test_converting_a_sync_layer_to_torch_says_what_to_do():
+    from bnlab.tools import convert_batchnorm
+
+    with pytest.raises(ValueError, match="revert_sync_batchnorm"):
+        convert_batchnorm(nn.Sequential(bnn.SyncBatchNorm(3)), "torch")

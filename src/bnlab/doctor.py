@@ -128,41 +128,95 @@ def _sequence(model: nn.Module, example_batch) -> list[tuple[str, nn.Module]] | 
     return order
 
 
-def _adjacent(model: nn.Module, order) -> tuple[list[tuple[tuple[str, nn.Module], tuple[str, nn.Module]]],
-                                               list[tuple[str, nn.Module]]]:
-    """Consecutive module pairs, and the modules in order: from the recorded calls when there was a forward
-    pass, else from the children of each ``nn.Sequential`` (the only order the structure alone proves)."""
-    if order is not None:
-        return list(zip(order, order[1:])), order
-    pairs = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Sequential):
-            children = [(f"{name}.{n}" if name else n, m) for n, m in module.named_children()]
-            pairs += list(zip(children, children[1:]))
-    last = ([(n, m) for n, m in model.named_children()] if isinstance(model, nn.Sequential) else [])
-    return pairs, last
+_ACTIVATION_FUNCTIONS = {torch.relu, torch.sigmoid, torch.tanh, nn.functional.relu, nn.functional.gelu,
+                         nn.functional.silu, nn.functional.leaky_relu, nn.functional.elu, nn.functional.relu6,
+                         torch.nn.functional.mish, torch.relu_}
+_ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "tanh", "sigmoid_", "tanh_"}
+
+
+def _is_batch_norm(module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def _traced(model: nn.Module):
+    import torch.fx
+
+    try:
+        return torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - any tracing failure: fall back to what the structure proves
+        return None
+
+
+def _is_activation(node, modules) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), _ACTIVATIONS)
+    if node.op == "call_function":
+        return node.target in _ACTIVATION_FUNCTIONS
+    return node.op == "call_method" and node.target in _ACTIVATION_METHODS
+
+
+def _flow_rules(model: nn.Module, graph) -> list[Finding]:
+    """The placement rules from a torch.fx graph: what really feeds each batch norm, functional ops included."""
+    import torch.fx
+
+    modules = dict(model.named_modules())
+    findings, calls = [], {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for target, count in calls.items():
+        if _is_batch_norm(modules[target]) and count > 1:
+            findings.append(_finding("BN011", target, f"called {count} times in one forward pass"))
+    for node in graph.nodes:
+        if node.op == "output":
+            out = node.args[0]
+            if isinstance(out, torch.fx.Node) and out.op == "call_module" and _is_batch_norm(modules[out.target]):
+                src = out.args[0] if out.args else None
+                if isinstance(src, torch.fx.Node) and src.op == "call_module" and isinstance(modules[src.target], _WEIGHTED):
+                    findings.append(_finding("BN006", out.target, "the model's output is this batch norm of the logits"))
+        if node.op != "call_module" or not _is_batch_norm(modules[node.target]):
+            continue
+        src = node.args[0] if node.args else None
+        if not isinstance(src, torch.fx.Node):
+            continue
+        producer = modules.get(src.target) if src.op == "call_module" else None
+        if isinstance(producer, _WEIGHTED) and producer.bias is not None and len(src.users) == 1:
+            findings.append(_finding("BN005", src.target, f"{type(producer).__name__} with bias=True feeds {node.target}"))
+        if _is_activation(src, modules):
+            findings.append(_finding("BN007", node.target, f"follows the activation {src.target if src.op != 'call_function' else src.target.__name__}"))
+    return findings
 
 
 def _structure_rules(model: nn.Module, order) -> list[Finding]:
+    """Placement rules: from the data flow when torch.fx traces the model, else only what the structure
+    proves (neighbours inside an ``nn.Sequential``), plus a module called twice from the recorded calls."""
+    graph = _traced(model)
+    if graph is not None:
+        return _flow_rules(model, graph)
     findings = []
     if order is not None:
         counts: dict[str, int] = {}
         for name, _ in order:
             counts[name] = counts.get(name, 0) + 1
         for name, count in counts.items():
-            if isinstance(model.get_submodule(name) if name else model, nn.modules.batchnorm._BatchNorm) and count > 1:
+            if _is_batch_norm(model.get_submodule(name) if name else model) and count > 1:
                 findings.append(_finding("BN011", name, f"called {count} times in one forward pass"))
-    pairs, sequence = _adjacent(model, order)
-    for (prev_name, prev), (name, module) in pairs:
-        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+    for _, container in model.named_modules():
+        if not isinstance(container, nn.Sequential):
             continue
-        if isinstance(prev, _WEIGHTED) and prev.bias is not None:
-            findings.append(_finding("BN005", prev_name, f"{type(prev).__name__} with bias=True feeds {name}"))
-        if isinstance(prev, _ACTIVATIONS):
-            findings.append(_finding("BN007", name, f"follows the activation {prev_name} ({type(prev).__name__})"))
-    if len(sequence) > 1 and isinstance(sequence[-1][1], nn.modules.batchnorm._BatchNorm) \
-            and isinstance(sequence[-2][1], _WEIGHTED):
-        findings.append(_finding("BN006", sequence[-1][0], "the last module normalizes the logits"))
+        prefix = next(n for n, m in model.named_modules() if m is container)
+        children = [(f"{prefix}.{n}" if prefix else n, m) for n, m in container.named_children()]
+        for (prev_name, prev), (name, module) in zip(children, children[1:]):
+            if not _is_batch_norm(module):
+                continue
+            if isinstance(prev, _WEIGHTED) and prev.bias is not None:
+                findings.append(_finding("BN005", prev_name, f"{type(prev).__name__} with bias=True feeds {name}"))
+            if isinstance(prev, _ACTIVATIONS):
+                findings.append(_finding("BN007", name, f"follows the activation {prev_name} ({type(prev).__name__})"))
+    if isinstance(model, nn.Sequential):
+        top = list(model.named_children())
+        if len(top) > 1 and _is_batch_norm(top[-1][1]) and isinstance(top[-2][1], _WEIGHTED):
+            findings.append(_finding("BN006", top[-1][0], "the last module normalizes the logits"))
     return findings
 
 

@@ -131,6 +131,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                                         args.markdown)
             print(f"report: {paths['markdown']} and {paths['html']}")
             return 0
+        if "all" in args.names and len(args.names) > 1:
+            raise UsageError("give 'all' alone, or a list of claim names")
         names = sorted(CLAIMS, key=lambda n: CLAIMS[n].number) if args.names == ["all"] else list(args.names)
         unknown = [n for n in names if n not in CLAIMS]
         if unknown:

@@ -65,7 +65,7 @@ def _train(args: argparse.Namespace) -> int:
     if world > 1:
         import torch.distributed as dist
 
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo")  # CPU training; the engine keeps the model on the CPU
         dist.barrier()  # rank 0 fetched the data into the cache; the others read it now
     if dataset is None:
         from bnlab.data import load_dataset

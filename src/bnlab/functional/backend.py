@@ -68,8 +68,9 @@ def _eligible(x: Tensor, *params: Optional[Tensor]) -> bool:
         return False
     if x.numel() <= x.shape[1]:  # empty, or one value per channel: ATen raises the right error
         return False
-    # vmap and torch.func's grad wrap tensors; the op has no batching rule and ATen's kernel does
-    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x):
+    # torch.func transforms (vmap, grad, jvp) wrap tensors, and may wrap only the parameters; the op has
+    # no batching rule and a C++ autograd Function cannot run under them: ATen's kernel can
+    if not torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is not None:
         return False
     for p in params:
         if p is not None and (p.dtype != stats or p.device.type != "cpu" or not p.is_contiguous()):

@@ -155,7 +155,7 @@ def compiled_batch_norm(x, running_mean, running_var, weight, bias, training, mo
     mixed dtypes, a missing compiler)."""
     from bnlab.functional.backend import _eligible
 
-    if not training or not _eligible(x, weight, bias, running_mean, running_var):
+    if not training or not _eligible(x, weight, bias, running_mean, running_var):  # (when chosen by name)
         return native_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, correction)
     unbias = bessel_factor(x.numel() // x.size(1), correction)
     return torch.ops.bnlab.batch_norm_train(x, weight, bias, running_mean, running_var, eps, momentum, unbias)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from bnlab.functional.core import bessel_factor
-from bnlab.nn.batchnorm import _BatchNorm
+from bnlab.nn.batchnorm import CONVENTION_DEFAULT, _BatchNorm
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"]
 
@@ -133,14 +133,12 @@ class SyncBatchNorm(_BatchNorm):
     Shape: ``(N, C, *)`` with ``N`` the worker's slice, which may be 0.
     """
 
-    def __init__(self, num_features: int, eps=None, momentum=None, affine: bool = True,
+    def __init__(self, num_features: int, eps=CONVENTION_DEFAULT, momentum=CONVENTION_DEFAULT, affine: bool = True,
                  track_running_stats: bool = True, process_group: Any = None, device=None, dtype=None, *,
                  convention: str = "torch", bias: bool = True, **kwargs) -> None:
-        from bnlab.nn.batchnorm import CONVENTION_DEFAULT
-
-        super().__init__(num_features, CONVENTION_DEFAULT if eps is None else eps,
-                         CONVENTION_DEFAULT if momentum is None else momentum, affine, track_running_stats,
-                         device, dtype, convention=convention, bias=bias, **kwargs)
+        # momentum=None is a cumulative average, as in every bnlab batch norm; omitted: the convention's default
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         convention=convention, bias=bias, **kwargs)
         self.process_group = process_group
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -217,8 +215,10 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     def make(m):
         if isinstance(m, SyncBatchNorm):
             cls = classes.get(getattr(m, "_bnlab_original", ""), _BatchNormXd)
+            like = next((t for t in (m.weight, m.running_mean) if t is not None), None)
             plain = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, convention=m.convention,
-                        bias=m.bias is not None or not m.affine)
+                        bias=m.bias is not None or not m.affine, device=None if like is None else like.device,
+                        dtype=None if like is None else like.dtype)
             return _state_into(m, plain)
         return None
 

@@ -90,7 +90,10 @@ def _converted(module: nn.Module, to: str, convention: str | None) -> nn.Module 
         momentum = module.momentum
         if module.convention == "keras" and momentum is not None:
             momentum = keras_momentum_to_torch(momentum)
-        dims = next(d for cls, d in _torch_classes().items() if isinstance(module, cls))
+        dims = next((d for cls, d in _torch_classes().items() if isinstance(module, cls)), None)
+        if dims is None:
+            raise ValueError(f"{type(module).__name__} has no single torch.nn.BatchNormNd class; for a "
+                             "SyncBatchNorm, call bnlab.nn.revert_sync_batchnorm first")
         cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
         if module.affine and module.bias is None:
             raise ValueError("a bnlab batch norm without a learned β (bias=False) has no torch.nn equivalent")
@@ -105,8 +108,8 @@ def convert_batchnorm(model: nn.Module, to: str = "bnlab", *, convention: str | 
     ``requires_grad`` and train/eval mode: outputs are identical before and after.
 
     ``convention="keras"`` (with ``to="bnlab"``) makes the new layers Keras-convention, with the momentum
-    turned to Keras' direction so the moving average is the same (``running_var`` is copied as it is; see
-    the module docstring). Going to torch, a Keras-convention layer's momentum is turned back.
+    turned to Keras' direction so the moving mean follows the same average (``running_var`` is copied as
+    it is, and from the next update on it follows Keras' biased rule; see the module docstring). Going to torch, a Keras-convention layer's momentum is turned back.
 
     Raises:
         ValueError: an unknown target or convention, or a layer torch cannot represent (batch renorm,
@@ -142,8 +145,8 @@ class KerasBatchNorm:
 
     @classmethod
     def of(cls, layer) -> KerasBatchNorm:
-        """From a built ``keras.layers.BatchNormalization`` (read through its public attributes; Keras is not
-        imported here)."""
+        """From a built Keras 3 ``keras.layers.BatchNormalization`` (read through its public attributes, the
+        variables' ``path`` names; Keras is not imported here)."""
         weights = {w.path.rsplit("/", 1)[-1]: np.asarray(w.numpy() if hasattr(w, "numpy") else w)
                    for w in layer.weights}
         return cls(weights["moving_mean"], weights["moving_variance"], weights.get("gamma"), weights.get("beta"),
@@ -187,6 +190,9 @@ def to_keras(layer: nn.Module) -> KerasBatchNorm:
     ``momentum=state.momentum, epsilon=state.epsilon``): the same inference output in Keras."""
     if layer.running_mean is None:
         raise ValueError("a batch norm without running statistics has nothing for Keras' moving averages")
+    if layer.momentum is None:
+        warnings.warn("momentum=None (a cumulative average) has no Keras equivalent; exporting torch's default 0.1 "
+                      "(Keras 0.9)", UserWarning, stacklevel=2)
     momentum = layer.momentum if layer.momentum is not None else 0.1
     keras_layer = getattr(layer, "convention", "torch") == "keras"
 

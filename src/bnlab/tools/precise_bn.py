@@ -55,7 +55,9 @@ class _Moments:
 
     def add(self, x: Tensor) -> None:
         dims = [d for d in range(x.dim()) if d != 1]
-        n = x.numel() // x.shape[1]
+        n = x.numel() // x.shape[1] if x.shape[1] else 0
+        if n == 0:  # an empty batch adds nothing
+            return
         x = x.detach().double()
         var, mean = torch.var_mean(x, dim=dims, correction=0)
         self.count += n
@@ -131,6 +133,10 @@ def recompute_bn_stats(model: nn.Module, batches: Iterable, num_batches: int | N
                 m.num_batches_tracked.copy_(tracked)
     if used == 0:
         raise ValueError("no batches were given: the running statistics are left as they were")
+    unreached = [name for name, _ in norms if moments[name].count == 0]
+    if unreached:  # checked before any layer is written: all or nothing
+        raise ValueError(f"no values reached {', '.join(unreached)} during the passes (a branch the forward did not "
+                         "take, or empty batches): the running statistics are left as they were")
     for name, m in norms:
         mean, var = moments[name].statistics(estimator)
         count = moments[name].count

@@ -5,11 +5,13 @@ the same model on its share of each batch:
 
 * the global batch of ``batch_size`` examples is split over the W workers by a
   ``DistributedSampler`` (each epoch a seeded permutation; worker r takes every W-th example), so the
-  W slices of a step are exactly the examples one process would take for that step;
+  W slices of a step are the examples one process would take for that step (when W does not divide the
+  training set, the sampler repeats up to W − 1 examples per epoch to even the slices out);
 * every batch norm is a :class:`bnlab.nn.SyncBatchNorm`: it normalizes with the statistics of the
   whole global batch, so the model computes what it computes on one process;
-* each worker's loss is its slice's summed cross-entropy over the global batch size, times W, and
-  DDP averages the gradients over the W workers: the gradient is the global batch's mean gradient.
+* every worker's slice has the same length (the sampler sees to it), so each worker's mean loss,
+  averaged over the W workers by DDP, is the global batch's mean: so is the gradient, the last
+  partial batch of an epoch included.
 
 Hence W processes train the model one process trains, to float32 round-off (tested with 2 gloo
 processes). Rank 0 evaluates and writes the run store; the others only train.
@@ -73,8 +75,13 @@ def train_data_parallel(spec: ModelSpec, cfg: TrainConfig, dataset: Dataset, *, 
     import bnlab.nn as bnn
 
     rank, world = world_from_environment()
+    unsupported = {name: value for name, value in (("accumulate", cfg.accumulate != 1), ("bf16", cfg.bf16),
+                                                    ("data_order", cfg.data_order != "per_seed")) if value}
+    if unsupported:
+        raise ValueError(f"data-parallel training does not do {', '.join(unsupported)} yet; train with the "
+                         "defaults for these settings")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+        dist.init_process_group("gloo")  # the model stays on the CPU: NCCL would need device placement
     if cfg.batch_size % world:
         raise ValueError(f"batch size {cfg.batch_size} does not split over {world} workers; choose a multiple")
     data = prepare_data(dataset, cfg, spec)
@@ -108,10 +115,11 @@ def train_data_parallel(spec: ModelSpec, cfg: TrainConfig, dataset: Dataset, *, 
                 if step >= total:
                     break
                 idx = order[position * local_batch : (position + 1) * local_batch]
+                if len(idx) * world < 2:  # a global batch of one has no batch variance: take the epoch's start
+                    idx = order[: max(1, 2 // world)]
                 x, y = data.train_x[idx], data.train_y[idx]
                 optimizer.zero_grad(set_to_none=True)
-                loss = nn.functional.cross_entropy(net(x), y, reduction="sum") * world / cfg.batch_size
-                loss.backward()
+                nn.functional.cross_entropy(net(x), y).backward()
                 optimizer.step()
                 step += 1
                 if rank == 0 and cfg.is_eval_step(step, total):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import threading
 import time
 from importlib import resources
 from pathlib import Path
@@ -251,12 +252,16 @@ def _plots(result, directory: Path, draw: bool = True) -> list[Path]:
     return files
 
 
+_REPORT_LOCK = threading.Lock()  # one request at a time writes the figures and the page
+
+
 def _claims_report(store_path: Path | None) -> str:
     """The claims report as one self-contained page (``bnlab claims report`` writes the same page)."""
     from bnlab.report.claims_report import write_claims_report
 
-    paths = write_claims_report(_claims_results(store_path), _claims_directory(store_path) / "figures")
-    return paths["html"].read_text()
+    with _REPORT_LOCK:
+        paths = write_claims_report(_claims_results(store_path), _claims_directory(store_path) / "figures")
+        return paths["html"].read_text()
 
 
 def _claim_plot(store_path: Path | None, name: str, index: int) -> Path:

@@ -133,7 +133,7 @@ def _bn_lag(ctx: ClaimContext) -> ClaimResult:
                 f"re-estimated on {protocols.LAG_REESTIMATE_BATCHES} fixed training batches "
                 "(`bnlab.tools.recompute_bn_stats`, population estimator); plus the same recipe trained with momentum "
                 "0.9 (torch's 0.1), judged with its running averages; steps to 95% on that subset (never reached: "
-                "the total steps)")
+                "the total steps); the no-BN row is claim 1's, on the engine's evaluation points instead")
     return ctx.result("bn-lag", protocol, "steps to 95% test accuracy by source of the BN statistics", numbers,
                       {f"{LAG_RECIPE}/BN": [r["run_id"] for r in bn["per_seed"]],
                        f"{LAG_RECIPE}/BN momentum 0.9": [r["run_id"] for r in fast["per_seed"]]}, [plot])

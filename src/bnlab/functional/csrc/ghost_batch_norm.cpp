@@ -602,6 +602,9 @@ class BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("bnlab::bn_train_backward", "")
                          .typed<decltype(bn_train_backward)>();
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "bnlab's compiled batch norm has no double backward (create_graph=True, gradient penalties, MAML): "
+                "use bnlab.functional.set_backend('aten') for such training");
     const auto saved = ctx->get_saved_variables();
     const bool has_weight = ctx->saved_data["has_weight"].toBool();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
