@@ -333,3 +333,23 @@ def test_claims_run_jobs_starts_one_process_per_queue_with_the_cores_divided(tmp
     assert {command[-1] for command, _ in started} == {"placement", "ghost"}
     assert all("--quick" in command and "--no-progress" in command for command, _ in started)
     assert "[job 1]" in capsys.readouterr().out
+
+
+def test_the_report_lists_what_changed_since_an_earlier_report(tmp_path):
+    from bnlab.report.claims_report import previous_verdicts
+
+    old = ("| # | claim | protocol | verdict |\n|---|---|---|---|\n"
+           "| 12 | Gradient accumulation fixes small-batch BN (`accumulation`) | quick | **not supported** |\n"
+           "| 13 | Ghost BN helps large-batch training (`ghost`) | quick | **not supported** |\n"
+           "| 14 | BN on the output layer hurts (`output-layer`) | quick | **not supported** (was inconclusive) |\n")
+    assert previous_verdicts(old) == {12: ("not supported", "quick"), 13: ("not supported", "quick"),
+                                      14: ("not supported", "quick")}
+    (tmp_path / "old.md").write_text(old)
+    ghost = ClaimResult("ghost", "full", "p", 5, "s", {"ghost_minus_large_bn": _iv(0.006, 0.01).to_dict()},
+                        "supported", "r", [], {}, 1.0, data_order="per_seed")
+    paths = write_claims_report({"ghost": ghost}, tmp_path / "out", tmp_path / "old.md", previous=tmp_path / "old.md")
+    text = paths["markdown"].read_text()
+    assert "**Changes since the previous report (old.md).**" in text
+    assert "- 13. Ghost BN helps large-batch training: **supported**, was not supported (quick protocol then; now " \
+           "full protocol, 5 seeds, each seed its own batch order)." in text
+    assert "- 12." not in text  # not rerun: nothing to say

@@ -30,6 +30,9 @@ def add_parser(subparsers) -> None:
                         help="figures and the self-contained index.html (default: out/claims)")
     report.add_argument("--markdown", type=Path, default=None,
                         help="where claims.md goes, its image links relative to it (default: OUT/claims.md)")
+    report.add_argument("--previous", type=Path, default=None, metavar="OLD.md",
+                        help="an earlier report: list the verdicts and protocols that changed since (the file may be "
+                             "the one --markdown replaces: it is read first)")
     for action in (sub.choices["list"], run, report):
         add_store_option(action)
     p.set_defaults(run=_dispatch)
@@ -128,7 +131,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return 0
         if args.claims_command == "report":
             paths = write_claims_report(load_results(results_dir) if results_dir.exists() else {}, args.out,
-                                        args.markdown)
+                                        args.markdown, args.previous)
             print(f"report: {paths['markdown']} and {paths['html']}")
             return 0
         if "all" in args.names and len(args.names) > 1:

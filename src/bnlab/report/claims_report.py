@@ -14,7 +14,8 @@ from bnlab.experiments.claims import CLAIMS, Claim, ClaimResult
 from bnlab.report.plots import draw
 from bnlab.stats import Interval
 
-__all__ = ["load_results", "write_claims_report", "render_markdown", "draw_figures", "seeds_needed"]
+__all__ = ["load_results", "write_claims_report", "render_markdown", "draw_figures", "seeds_needed",
+           "previous_verdicts"]
 
 
 def load_results(directory: Path) -> dict[str, ClaimResult]:
@@ -87,7 +88,43 @@ def _ordered() -> list[Claim]:
     return sorted(CLAIMS.values(), key=lambda c: c.number)
 
 
-def render_markdown(results: dict[str, ClaimResult], plot_prefix: str = "") -> str:
+def previous_verdicts(markdown: str) -> dict[int, tuple[str, str]]:
+    """``{claim number: (verdict, protocol)}`` from the summary table of an earlier claims report."""
+    found = {}
+    for line in markdown.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 4 or not cells[0].isdigit():
+            continue
+        verdict = next((re.search(r"\*\*(.+?)\*\*", c).group(1) for c in cells if "**" in c), None)
+        protocol = next((c for c in cells if c in ("quick", "full")), "")
+        if verdict is not None:
+            found[int(cells[0])] = (verdict, protocol)
+        if line.startswith("## "):
+            break
+    return found
+
+
+def _changes(results: dict[str, ClaimResult], previous: dict[int, tuple[str, str]], since: str) -> list[str]:
+    lines = []
+    for claim in _ordered():
+        r = results.get(claim.name)
+        if r is None or claim.number not in previous:
+            continue
+        verdict, protocol = previous[claim.number]
+        if (verdict, protocol) == (r.verdict, r.protocol):
+            continue
+        how = f"{r.protocol} protocol, {r.seeds} seeds" + (", each seed its own batch order" if r.data_order == "per_seed"
+                                                           else "")
+        change = f"**{r.verdict}**, was {verdict}" if verdict != r.verdict else f"**{r.verdict}**, unchanged"
+        lines.append(f"- {claim.number}. {claim.title}: {change} ({protocol or 'unknown'} protocol then; now {how}).")
+    if not lines:
+        return []
+    return ["", f"**Changes since {since}.** Each result below replaces the earlier one; where the verdict changed, "
+            "the claim's section shows the new numbers:", "", *lines]
+
+
+def render_markdown(results: dict[str, ClaimResult], plot_prefix: str = "", previous: dict | None = None,
+                    since: str = "the previous report") -> str:
     lines = ["# Claims about batch normalization, measured", "",
              "Each claim from the seed tutorials is an experiment with a fixed protocol, several seeds, a 95% "
              "confidence interval and a verdict rule written down before the run (`bnlab claims list`). "
@@ -104,6 +141,7 @@ def render_markdown(results: dict[str, ClaimResult], plot_prefix: str = "") -> s
         lines.append(f"| {claim.number} | {claim.title} (`{claim.name}`) | {verdict} | {effects} | {r.seeds} "
                      f"| {r.protocol} |")
     lines += ["", *_how_made(results)]
+    lines += _changes(results, previous or {}, since)
     changed = [(claim, results[claim.name]) for claim in _ordered()
                if claim.name in results and results[claim.name].earlier_verdict]
     if changed:
@@ -189,19 +227,26 @@ def draw_figures(results: dict[str, ClaimResult], out_dir: Path) -> list[Path]:
     return drawn
 
 
-def write_claims_report(results: dict[str, ClaimResult], out_dir: Path, markdown: Path | None = None) -> dict[str, Path]:
+def write_claims_report(results: dict[str, ClaimResult], out_dir: Path, markdown: Path | None = None,
+                        previous: Path | None = None) -> dict[str, Path]:
     """Write the figures (PNG files) and ``index.html``, one self-contained page with the figures inline,
     into ``out_dir``, and the Markdown report to ``markdown`` (default ``out_dir/claims.md``), its image
-    links relative to where it is."""
+    links relative to where it is. With ``previous`` (an earlier report's Markdown, e.g. the file about to
+    be replaced), the report lists the verdicts and protocols that changed since."""
     import os
 
+    before = {}
+    if previous is not None and previous.is_file():
+        before = previous_verdicts(previous.read_text())
+    since = f"the previous report ({previous.name})" if previous is not None else "the previous report"
     draw_figures(results, out_dir)
     md_path = markdown if markdown is not None else out_dir / "claims.md"
     md_path.parent.mkdir(parents=True, exist_ok=True)
     prefix = os.path.relpath(out_dir.resolve(), md_path.parent.resolve())
-    md_path.write_text(render_markdown(results, "" if prefix == "." else prefix.replace(os.sep, "/") + "/"))
+    md_path.write_text(render_markdown(results, "" if prefix == "." else prefix.replace(os.sep, "/") + "/", before,
+                                       since))
     html_path = out_dir / "index.html"
-    html_path.write_text(render_html(render_markdown(results), out_dir))
+    html_path.write_text(render_html(render_markdown(results, "", before, since), out_dir))
     return {"markdown": md_path, "html": html_path}
 
 
