@@ -51,11 +51,18 @@ def test_training_output_is_standardized(x, convention):
 @given(x=bn_inputs())
 def test_keras_momentum_zero_makes_eval_equal_train(x):
     layer = OURS_FOR_NDIM[x.dim()](x.shape[1], momentum=0.0, convention="keras")
+    g = torch.Generator().manual_seed(0)  # not the global generator: the same weights for every example
     with torch.no_grad():
-        layer.weight.uniform_(0.5, 2), layer.bias.normal_()
+        layer.weight.copy_(torch.rand(x.shape[1], generator=g) * 1.5 + 0.5)
+        layer.bias.copy_(torch.randn(x.shape[1], generator=g))
     y_train = layer(x)
     layer.eval()
-    torch.testing.assert_close(layer(x), y_train, rtol=1e-4, atol=1e-4)
+    # train and eval normalize with the same statistics, rounded differently in float32: the error of x − μ is
+    # ~ulp(|x|), amplified by γ/σ, so the tolerance scales with |x|max/σ (large offsets, small spreads)
+    dims = [0, *range(2, x.dim())]
+    spread = x.double().std(dim=dims, unbiased=False).clamp_min(1e-3).min()
+    atol = 1e-4 + 4 * torch.finfo(torch.float32).eps * float(x.abs().max() / spread) * 2.0
+    torch.testing.assert_close(layer(x), y_train, rtol=1e-4, atol=atol)
 
 
 @given(x=bn_inputs(min_values=1), momentum=st.sampled_from([0.1, 0.9, None]))
