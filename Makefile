@@ -12,7 +12,7 @@ CHROMIUM := /usr/bin/chromium
 
 $(STAMP): pyproject.toml requirements/lock.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements/lock.txt -e '.[lab,test,web]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements/lock.txt -e '.[lab,test,web,ray]'
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -14,7 +14,7 @@ __all__ = ["BnlabError", "UsageError", "StopRequested", "EXTRAS"]
 
 # optional dependencies, by the extra that installs them (pip install 'bnlab[EXTRA]')
 EXTRAS = {"tqdm": "lab", "matplotlib": "lab", "ninja": "lab", "fastapi": "web", "uvicorn": "web",
-          "starlette": "web", "websockets": "web"}
+          "starlette": "web", "websockets": "web", "ray": "ray"}
 
 
 class BnlabError(Exception):

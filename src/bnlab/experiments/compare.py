@@ -23,7 +23,7 @@ from bnlab.nn import NORM_KINDS
 from bnlab.stats import welch_diff
 from bnlab.store import RunStore
 from bnlab.train import TrainConfig, run_group
-from bnlab.train.runner import code_version
+from bnlab.train.runner import code_version, finished_group, record_detached, train_detached
 
 __all__ = ["CompareRequest", "run_compare", "VARIANT_LABELS", "DIFFERENCE_METRICS"]
 
@@ -76,20 +76,30 @@ class CompareRequest:
 
 
 def run_compare(request: CompareRequest, store: RunStore, *, progress: bool = True,
-                dataset: Dataset | None = None, fetch: bool = False) -> dict:
+                dataset: Dataset | None = None, fetch: bool = False, executor=None) -> dict:
     """Train (or reuse) every variant on all seeds; return the summary (also what summary.json holds).
 
     ``fetch``: a dataset not in the cache is fetched (see :func:`bnlab.data.fetch_dataset`), as the
-    ``bnlab compare`` command does; otherwise it must be there (or be given as ``dataset``)."""
+    ``bnlab compare`` command does; otherwise it must be there (or be given as ``dataset``).
+    ``executor`` (e.g. :class:`bnlab.experiments.executors.RayExecutor`): the variants not in the store
+    yet train as parallel tasks there, and this process records them."""
     specs, cfg = request.configs()
     seeds = list(range(request.seeds))
     started = time.perf_counter()
     if dataset is None:
         dataset = load_dataset(cfg.dataset, allow_download=fetch, allow_registry=fetch)
     phases = {"data": time.perf_counter() - started}
+    remote = {}
+    if executor is not None:
+        todo = [label for label, spec in specs.items()
+                if finished_group(store, f"{request.preset}/{label}", spec, cfg, seeds) is None]
+        calls = [(f"{request.preset}/{label}", specs[label].to_dict(), cfg.to_dict(), seeds) for label in todo]
+        for label, result in zip(todo, executor.map(train_detached, calls, shared={"dataset": dataset, "threads": 1})):
+            remote[label] = record_detached(store, specs[label], cfg, seeds, result)
     variants = {}
     for label, spec in specs.items():
-        result = run_group(store, f"{request.preset}/{label}", spec, cfg, seeds, dataset=dataset, progress=progress)
+        result = remote.get(label) or run_group(store, f"{request.preset}/{label}", spec, cfg, seeds, dataset=dataset,
+                                                progress=progress)
         variants[label] = {**summarise_group(store, result), "norm": spec.norm}
         for name, seconds in result.phases.items():
             phases[name] = phases.get(name, 0.0) + seconds

@@ -14,6 +14,7 @@ and records metrics at each evaluation step, a checkpoint every
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -296,3 +297,65 @@ def _end(store: RunStore, group_id: str, status: str, add_wall_seconds: float) -
     except StoreError as exc:
         print(f"bnlab: could not mark group {group_id} {status} ({exc}); it will read as interrupted",
               file=sys.stderr)
+
+
+# -- training away from the store (a Ray worker), recorded by the process that owns the store ---------------
+
+
+def train_detached(label: str, spec: dict, cfg: dict, seeds: list[int], dataset: Dataset,
+                   threads: int | None = None) -> dict:
+    """Train one group where the run store is not (a Ray task on another core or machine): the same
+    :class:`~bnlab.train.StackedTrainer` run as :func:`run_group`'s, returning everything
+    :func:`record_detached` writes (every evaluation's metrics, the final ones, the trained state).
+    Plain Python: nothing here imports Ray."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    spec_, cfg_ = ModelSpec.from_dict(spec), TrainConfig.from_dict(cfg)
+    started = time.perf_counter()
+    trainer = StackedTrainer(spec_, cfg_, seeds, prepare_data(dataset, cfg_, spec_))
+    metrics: list[tuple[int, dict[str, list[float]]]] = []
+    trainer.run(on_eval=lambda step, m: metrics.append((step, {k: v.tolist() for k, v in m.items()})))
+    final = {k: v.tolist() for k, v in trainer.final_metrics().items()}
+    metrics.append((trainer.total_steps, final))
+    return {"label": label, "metrics": metrics, "final": final, "state": trainer.state_dict(),
+            "total_steps": trainer.total_steps, "phases": dict(trainer.timings),
+            "evaluation": trainer.eval_plan.describe(), "wall_seconds": time.perf_counter() - started}
+
+
+def record_detached(store: RunStore, spec: ModelSpec, cfg: TrainConfig, seeds: list[int], result: dict) -> GroupResult:
+    """Write a :func:`train_detached` result into ``store`` as a finished group (or reuse an identical
+    finished one): the store's only writer stays the process that owns it."""
+    label = result["label"]
+    config = group_config(label, spec, cfg, seeds)
+    state, group_id, run_ids = store.claim_group(config_key(config), [(label, s, {**config, "seed": s}) for s in seeds],
+                                                 result["total_steps"], code_version())
+    if state == "finished":
+        return _reused(store, group_id, seeds)
+    try:
+        store.truncate_metrics(group_id, after_step=0)  # an interrupted earlier attempt's rows
+        for step, values in result["metrics"]:
+            store.log_metrics(step, [(run_ids[k], name, float(v[k])) for name, v in values.items()
+                                     for k in range(len(seeds))])
+        for k, run_id in enumerate(run_ids):
+            store.set_summary(run_id, {**{name: float(v[k]) for name, v in result["final"].items()},
+                                       "evaluation": result["evaluation"], "phases_seconds": result["phases"]})
+        checkpoint = store.checkpoint_path(group_id)
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        partial = checkpoint.with_suffix(".partial")
+        torch.save(result["state"], partial)
+        os.replace(partial, checkpoint)
+    except BaseException:
+        _end(store, group_id, "interrupted", 0.0)
+        raise
+    store.mark(group_id, "finished", steps_done=result["total_steps"], add_wall_seconds=result["wall_seconds"])
+    rate = result["total_steps"] / result["wall_seconds"] if result["wall_seconds"] > 0 else None
+    return GroupResult(group_id, run_ids, False, result["wall_seconds"], rate, result["phases"])
+
+
+def finished_group(store: RunStore, label: str, spec: ModelSpec, cfg: TrainConfig, seeds: list[int]) -> GroupResult | None:
+    """The finished group :func:`run_group` would reuse for these arguments, or None."""
+    key = config_key(group_config(label, spec, cfg, seeds))
+    for group_id, records in _groups(store, key).items():
+        if all(r.status == "finished" for r in records):
+            return _reused(store, group_id, seeds)
+    return None
