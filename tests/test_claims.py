@@ -149,10 +149,12 @@ def test_each_claim_runs_end_to_end_on_synthetic_data(name, tmp_path, tiny_proto
     json.loads(path.read_text(), parse_constant=lambda token: pytest.fail(f"bare {token} in {path.name}"))
     assert (saved.verdict, saved.reason, saved.runs, saved.figures) == (result.verdict, result.reason, result.runs,
                                                                          result.figures)
-    # a rerun reuses every finished arm, claim 11's fine-tuning runs included: no new runs appear
+    # a rerun reuses every finished arm, claim 11's fine-tuning runs included: no new runs appear, and the
+    # arms' training time is still the one the store recorded when they trained
     before = len(store.runs())
     again = CLAIMS[name].execute(ctx)
     assert len(store.runs()) == before and again.numbers == result.numbers
+    assert result.arm_seconds > 0 and again.arm_seconds == pytest.approx(result.arm_seconds)
     assert result.data_order == "per_seed" and "each seed drew its own batch order" in render_markdown({name: result})
 
 
@@ -280,7 +282,7 @@ def test_report_summary_table_anchor_line_and_how_each_result_was_made():
     row = next(line for line in md.splitlines() if line.startswith("| 2 |"))
     assert "**supported**" in row and "+88 [+85, +91] points" in row and "| 5 | full |" in row
     assert "*Ours beside it:* relu lr 1.0: 10.0% without BN vs 98.0% with" in md
-    assert "| 2 | `bnlab claims run higher-lr` | 10.0 min | 2026-12-03 11:00 |" in md
+    assert "| 2 | `bnlab claims run higher-lr` | 10.0 min | - | 2026-12-03 11:00 |" in md
     # a follow-up is announced in its claim's section, not yet run
     assert "*Follow-up:* claim 15" in md and "| 15 |" in md
 

@@ -167,13 +167,15 @@ def _how_made(results: dict[str, ClaimResult]) -> list[str]:
     if not made:
         return []
     lines = ["**How these results were made.** Each command below was run with `--store` pointing at one run "
-             "store (finished arms are shared between claims and reused by reruns, so a claim's wall time "
-             "leaves out arms another claim trained first); wall times are on the machine that ran them, "
-             "including time shared with other jobs. `bnlab claims report` then wrote this page.", "",
-             "| # | command | wall time | finished (UTC) | code |", "|---|---|---|---|---|"]
+             "store. Finished arms are shared between claims and reused by reruns: *wall time* is the command's "
+             "own, *training* is the wall time the store recorded for the claim's arms when they trained (an "
+             "arm shared with another claim counts in both). Times are on the machine that ran them, including "
+             "time shared with other jobs. `bnlab claims report` then wrote this page.", "",
+             "| # | command | wall time | training | finished (UTC) | code |", "|---|---|---|---|---|---|"]
     for claim, r in made:
-        lines.append(f"| {claim.number} | `{_command(r)}` | {r.wall_seconds / 60:.1f} min | {r.finished or '-'} "
-                     f"| {r.code_version} |")
+        training = f"{r.arm_seconds / 60:.1f} min" if r.arm_seconds else "-"
+        lines.append(f"| {claim.number} | `{_command(r)}` | {r.wall_seconds / 60:.1f} min | {training} "
+                     f"| {r.finished or '-'} | {r.code_version} |")
     return lines
 
 

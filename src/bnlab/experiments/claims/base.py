@@ -57,6 +57,7 @@ class ClaimContext:
     datasets: dict[str, Dataset] = field(default_factory=dict)  # injected in tests; loaded lazily otherwise
     data_orders: set[str] = field(default_factory=set)  # of the arms trained so far
     arms_done: int = 0  # arms trained or reused by the claim running now
+    arm_seconds: float = 0.0  # the store's training wall time of those arms (reused ones included)
     fetch: bool = False  # fetch a dataset missing from the cache (bnlab.data.fetch_dataset), as the command does
 
     def dataset(self, name: str) -> Dataset:
@@ -78,6 +79,7 @@ class ClaimContext:
                            start_from=start_from)
         self.data_orders.add(self.store.run(result.run_ids[0]).config["train"]["data_order"])
         self.arms_done += 1
+        self.arm_seconds += result.wall_seconds or 0.0
         if self.progress:
             how = "reused from the store" if result.reused else f"trained in {time.perf_counter() - started:.0f} s"
             tqdm.write(f"  {claim}: arm {self.arms_done} ({arm.label}, {self.seeds} seeds) {how}")
@@ -121,6 +123,9 @@ class ClaimResult:
     # what to draw: figure() specs, drawn by bnlab.report (file name, plot kind, data)
     figures: list[dict] = field(default_factory=list)
     finished: str = ""  # when the run ended, UTC, "YYYY-MM-DD HH:MM" ("" in results stored before)
+    # the training wall time of the claim's arms as the store recorded it when they trained (an arm shared
+    # with another claim counts in both): what a rerun that reuses every arm does not measure again
+    arm_seconds: float = 0.0
 
     def __post_init__(self):
         if self.verdict is not None and self.verdict not in VERDICTS:
@@ -184,11 +189,12 @@ class Claim:
     def execute(self, ctx: ClaimContext) -> ClaimResult:
         started = time.perf_counter()
         ctx.data_orders.clear()
-        ctx.arms_done = 0
+        ctx.arms_done, ctx.arm_seconds = 0, 0.0
         result = self.run(ctx)
         result.verdict, result.reason = self.verdict_rule.judge(result.numbers)
         result.wall_seconds = time.perf_counter() - started
         result.finished = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+        result.arm_seconds = ctx.arm_seconds
         result.data_order = "per_seed" if ctx.data_orders == {"per_seed"} else "shared"
         result.save(ctx.store.path.parent / "claims")
         return result
