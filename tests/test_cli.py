@@ -46,3 +46,22 @@ def test_demo_runs_and_reports_both_models(capsys):
     assert main(["demo", "--steps", "30"]) == 0
     out = capsys.readouterr().out
     assert "no BN" in out and "with BN" in out
+
+
+def test_help_never_imports_torch():
+    """`bnlab --help` (and every subcommand's) answers without importing torch (a second or more)."""
+    import subprocess
+    import sys
+
+    from bnlab.cli.main import SUBCOMMANDS
+
+    names = [m.__name__.rsplit(".", 1)[-1] for m in SUBCOMMANDS]
+    code = (
+        "import sys\nfrom bnlab.cli.main import main\n"
+        "for argv in [['--help']] + [[name, '--help'] for name in sys.argv[1:]]:\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "print('torch' in sys.modules)\n")
+    commands = {"convert": "convert-momentum"}
+    out = subprocess.run([sys.executable, "-c", code, *[commands.get(n, n) for n in names]], capture_output=True,
+                         text=True, check=True).stdout.strip().splitlines()[-1]
+    assert out == "False"
