@@ -46,8 +46,8 @@ class Rule:
 RULES = {r.id: r for r in [
     Rule("BN001", "error", "batch norm in training mode for inference",
          "in training mode a batch norm normalizes with the batch's own statistics and moves its running "
-         "averages: predictions depend on what else is in the batch (claim 9 of the claims lab measures the "
-         "accuracy lost, by evaluation batch size)", "call model.eval() before inference"),
+         "averages: predictions depend on what else is in the batch (the claims lab measured 46.2 [44.6, 47.9] "
+         "points of test accuracy lost at evaluation batches of 2, claim 9)", "call model.eval() before inference"),
     Rule("BN002", "warning", "frozen parameters, moving statistics",
          "γ and β no longer train, but the layer is in training mode, so its running mean and variance keep "
          "following each batch: the 'frozen' layer still changes", "call bnlab.nn.freeze_batchnorm(model), or put "
@@ -57,8 +57,9 @@ RULES = {r.id: r for r in [
          "and training stops with a ValueError at the end of the epoch", "DataLoader(..., drop_last=True), or a "
          "batch size that divides the dataset"),
     Rule("BN004", "warning", "small batches with batch norm",
-         "batch statistics of fewer than 8 samples are noisy and bias the running averages (claim 8 of the "
-         "claims lab measures BN against GroupNorm and LayerNorm from batch 32 down to 2)", "a larger batch, or "
+         "batch statistics of fewer than 8 samples are noisy and bias the running averages (the claims lab: BN "
+         "lost 58.9 [52.2, 65.5] points of test accuracy from batch 32 to batch 2, where GroupNorm/LayerNorm was "
+         "58.1 [51.4, 64.7] points better, claim 8)", "a larger batch, or "
          "GroupNorm / LayerNorm (bnlab.nn.make_norm('group', C)), or batch renorm"),
     Rule("BN005", "info", "bias before batch norm",
          "the batch norm subtracts the mean right away, so the preceding layer's bias has no effect: a wasted "
