@@ -63,9 +63,12 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         c = x.size(1)
         dims = [0, *range(2, x.dim())]
         n_local = x.numel() // c if c else 0
-        stats_dtype = torch.float64  # the merge in double: cheap (3C numbers per worker), and exact enough
+        stats_dtype = torch.float64  # the merge in double: cheap (3C numbers per worker)
         if n_local > 0:
-            var, mean = torch.var_mean(x.detach().to(stats_dtype), dim=dims, correction=0)
+            # the local moments in the input's precision (float32 at least), as batch norm computes them
+            local = x.detach() if x.dtype in (torch.float32, torch.float64) else x.detach().float()
+            var, mean = torch.var_mean(local, dim=dims, correction=0)
+            var, mean = var.to(stats_dtype), mean.to(stats_dtype)
             moments = var * n_local
         else:  # an empty slice: nothing to add, but the worker still takes part in the collective
             mean = torch.zeros(c, dtype=stats_dtype, device=x.device)
