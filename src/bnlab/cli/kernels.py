@@ -55,4 +55,5 @@ def _print_status(status: dict) -> None:
                                                       for low, high, _ in ranges) + ", ATen elsewhere"
                           if ranges else "ATen (not measured faster)")
             print(f"  {layout:<14s} {dtype:<8s} {choice}")
-    print("  inference, float16/bfloat16 and mixed dtypes: ATen; ghost BN and batch renorm: compiled when built")
+    print("  inference and other mixed dtypes: ATen; bfloat16/float16 inputs: compiled only under \"compiled\" "
+          "(measured slower than ATen); ghost BN and batch renorm: compiled when built")
