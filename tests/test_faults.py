@@ -59,9 +59,12 @@ def _wait_for_checkpoint(store: Path, proc: subprocess.Popen, at_least: int) -> 
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"finished before step {at_least}: {proc.communicate()}"
         if store.exists():
-            with RunStore(store, readonly=True) as s:
-                if any(r.steps_done >= at_least and r.status == "running" for r in s.runs()):
-                    return
+            try:
+                with RunStore(store, readonly=True) as s:
+                    if any(r.steps_done >= at_least and r.status == "running" for r in s.runs()):
+                        return
+            except StoreError:  # the child is still creating the store (its schema only in the -wal file)
+                pass
         time.sleep(0.01)
     raise AssertionError("no checkpoint in time")
 
