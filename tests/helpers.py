@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import time
 
+import pytest
 import torch
 
 import bnlab.nn as bnn
@@ -45,3 +48,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_workers(commands: list[list[str]], timeout: float, what: str, **popen) -> list[subprocess.Popen]:
+    """Start one process per command, wait for all within ``timeout`` seconds in total, kill them all and
+    fail the test if one hangs (a distributed test must never hang the suite); returns the finished processes."""
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen) for c in commands]
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"{what} hung past {timeout:.0f} s")
+    return procs

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ import torch
 
 from bnlab.store import RunStore
 from bnlab.train.distributed import train_data_parallel
-from helpers import free_port
+from helpers import free_port, run_workers
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -24,17 +22,8 @@ from fakes import fake_dataset  # noqa: E402
 @pytest.mark.slow
 def test_two_processes_train_what_one_process_trains(tmp_path, monkeypatch):
     port, out = free_port(), tmp_path / "rank0.pt"
-    procs = [subprocess.Popen([sys.executable, str(HERE / "ddp_worker.py"), str(rank), "2", str(port), str(out)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(HERE)})
-             for rank in range(2)]
-    deadline = time.monotonic() + 180
-    for p in procs:
-        try:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("a data-parallel worker hung")
+    procs = run_workers([[sys.executable, str(HERE / "ddp_worker.py"), str(rank), "2", str(port), str(out)]
+                         for rank in range(2)], 180, "a data-parallel worker", env={**os.environ, "PYTHONPATH": str(HERE)})
     assert all(p.returncode == 0 for p in procs), [p.stderr.read().decode()[-2000:] for p in procs]
     parallel = torch.load(out)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):

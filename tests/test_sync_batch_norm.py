@@ -3,7 +3,6 @@ empty) give what one process gives on the whole batch; a dead worker is a clear 
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 from torch import nn
 
 import bnlab.nn as bnn
-from helpers import free_port
+from helpers import free_port, run_workers
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -24,17 +23,8 @@ def _run(case: str, tmp_path: Path, timeout: float = 120.0) -> list[dict | None]
     world = len(dist_worker.SLICES[case])
     port = free_port()
     outs = [tmp_path / f"{case}-{rank}.pt" for rank in range(world)]
-    procs = [subprocess.Popen([sys.executable, str(HERE / "dist_worker.py"), str(rank), str(world), str(port), case,
-                               str(outs[rank])], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for rank in range(world)]
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        try:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"case {case!r}: a worker hung past {timeout:.0f} s")
+    run_workers([[sys.executable, str(HERE / "dist_worker.py"), str(rank), str(world), str(port), case,
+                  str(outs[rank])] for rank in range(world)], timeout, f"case {case!r}: a worker")
     return [torch.load(o) if o.exists() else None for o in outs]
 
 

@@ -20,6 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnlab import functional as BF
 from bnlab.nn._interop import TorchLeaf
+from bnlab.nn._replace import replace_modules
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze_batchnorm", "unfreeze_batchnorm"]
 
@@ -134,16 +135,6 @@ def _batchnorm_from(frozen: _FrozenBatchNorm) -> nn.Module:
     return bn
 
 
-def _convert(module: nn.Module, should_convert, convert) -> nn.Module:
-    if should_convert(module):
-        return convert(module)
-    for name, child in module.named_children():
-        new = _convert(child, should_convert, convert)
-        if new is not child:
-            setattr(module, name, new)
-    return module
-
-
 def freeze_batchnorm(model: nn.Module) -> nn.Module:
     """Replace every batch norm in ``model`` (torch's or bnlab's, any dimension) by a frozen copy.
 
@@ -154,9 +145,9 @@ def freeze_batchnorm(model: nn.Module) -> nn.Module:
     Raises:
         ValueError: a batch norm without running statistics (nothing to freeze).
     """
-    return _convert(model, lambda m: isinstance(m, _BatchNorm), _frozen_from)
+    return replace_modules(model, lambda m: isinstance(m, _BatchNorm), _frozen_from)
 
 
 def unfreeze_batchnorm(model: nn.Module) -> nn.Module:
     """Turn frozen batch norms back into trainable :class:`bnlab.nn.BatchNorm1d/2d/3d` with the same state."""
-    return _convert(model, lambda m: isinstance(m, _FrozenBatchNorm), _batchnorm_from)
+    return replace_modules(model, lambda m: isinstance(m, _FrozenBatchNorm), _batchnorm_from)

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from bnlab.functional.core import bessel_factor
+from bnlab.nn._replace import copy_norm_state, factory_kwargs, replace_modules
 from bnlab.nn.batchnorm import CONVENTION_DEFAULT, _BatchNorm
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"]
@@ -167,45 +168,21 @@ class _BatchNormXd(_BatchNorm):
             raise ValueError(f"expected at least 2D input (N, C, *), got {input.dim()}D input")
 
 
-def _state_into(source: nn.Module, target: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-            a, b = getattr(source, name, None), getattr(target, name, None)
-            if a is not None and b is not None:
-                b.copy_(a)
-                if isinstance(b, nn.Parameter):
-                    b.requires_grad_(a.requires_grad)
-    return target.train(source.training)
-
-
-def _swap(module: nn.Module, make) -> nn.Module:
-    new = make(module)
-    if new is not None:
-        return new
-    for name, child in module.named_children():
-        setattr(module, name, _swap(child, make))
-    return module
-
-
 def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
     """Every plain batch norm of ``module`` (``torch.nn.BatchNormNd`` and ``bnlab.nn.BatchNormNd``, either
     convention) replaced by a :class:`SyncBatchNorm` with the same state, in place (returns the module)."""
     from bnlab.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
-    plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, BatchNorm1d, BatchNorm2d, BatchNorm3d)
 
-    def make(m):
-        if type(m) in plain or type(m) in (BatchNorm1d, BatchNorm2d, BatchNorm3d):
-            convention = getattr(m, "convention", "torch")
-            sync = SyncBatchNorm(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, process_group,
-                                 convention=convention, bias=m.bias is not None or not m.affine,
-                                 device=next((t.device for t in (m.weight, m.running_mean) if t is not None), None),
-                                 dtype=next((t.dtype for t in (m.weight, m.running_mean) if t is not None), None))
-            sync._bnlab_original = type(m).__name__[-2:]  # "1d", "2d", "3d": what revert gives back
-            return _state_into(m, sync)
-        return None
+    def sync_of(m):
+        sync = SyncBatchNorm(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, process_group,
+                             convention=getattr(m, "convention", "torch"), bias=m.bias is not None or not m.affine,
+                             **factory_kwargs(m))
+        sync._bnlab_original = type(m).__name__[-2:]  # "1d", "2d", "3d": what revert gives back
+        return copy_norm_state(m, sync)
 
-    return _swap(module, make)
+    return replace_modules(module, lambda m: type(m) in plain, sync_of)
 
 
 def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
@@ -215,14 +192,10 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
 
     classes = {"1d": BatchNorm1d, "2d": BatchNorm2d, "3d": BatchNorm3d}
 
-    def make(m):
-        if isinstance(m, SyncBatchNorm):
-            cls = classes.get(getattr(m, "_bnlab_original", ""), _BatchNormXd)
-            like = next((t for t in (m.weight, m.running_mean) if t is not None), None)
-            plain = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, convention=m.convention,
-                        bias=m.bias is not None or not m.affine, device=None if like is None else like.device,
-                        dtype=None if like is None else like.dtype)
-            return _state_into(m, plain)
-        return None
+    def plain_of(m):
+        cls = classes.get(getattr(m, "_bnlab_original", ""), _BatchNormXd)
+        plain = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, convention=m.convention,
+                    bias=m.bias is not None or not m.affine, **factory_kwargs(m))
+        return copy_norm_state(m, plain)
 
-    return _swap(module, make)
+    return replace_modules(module, lambda m: isinstance(m, SyncBatchNorm), plain_of)

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from bnlab.nn._replace import copy_norm_state, factory_kwargs, replace_modules
+
 __all__ = ["convert_batchnorm", "KerasBatchNorm", "from_keras", "to_keras", "keras_momentum_to_torch",
            "torch_momentum_to_keras"]
 
@@ -50,55 +52,41 @@ def _bnlab_classes() -> dict[int, type]:
     return {1: bnn.BatchNorm1d, 2: bnn.BatchNorm2d, 3: bnn.BatchNorm3d}
 
 
-def _copy_state(source: nn.Module, target: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-            a, b = getattr(source, name, None), getattr(target, name, None)
-            if a is not None and b is not None:
-                b.copy_(a)
-                if isinstance(b, nn.Parameter):
-                    b.requires_grad_(a.requires_grad)
-    return target.train(source.training)
+def _to_bnlab(module: nn.Module, convention: str | None) -> nn.Module:
+    """A ``torch.nn.BatchNormNd`` as ``bnlab.nn``'s, in the given convention (its momentum turned to match)."""
+    target_convention = convention or "torch"
+    momentum = module.momentum
+    if target_convention == "keras" and momentum is not None:
+        momentum = torch_momentum_to_keras(momentum)
+    cls = _bnlab_classes()[_torch_classes()[type(module)]]
+    return copy_norm_state(module, cls(module.num_features, eps=module.eps, momentum=momentum,
+                                       affine=module.affine, track_running_stats=module.track_running_stats,
+                                       convention=target_convention, **factory_kwargs(module)))
 
 
-def _converted(module: nn.Module, to: str, convention: str | None) -> nn.Module | None:
-    """The replacement for one module, or None if it is not a batch norm this conversion touches."""
+def _to_torch(module: nn.Module) -> nn.Module:
+    """A plain ``bnlab.nn`` batch norm as ``torch.nn``'s; what torch cannot represent is a ValueError."""
     import bnlab.nn as bnn
-    from bnlab.nn.batchnorm import _BatchNorm as BnlabBatchNorm
 
-    options = {}
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        like = next((t for t in (module.weight, module.running_mean) if t is not None), None)
-        options = dict(affine=module.affine, track_running_stats=module.track_running_stats,
-                       device=None if like is None else like.device, dtype=None if like is None else like.dtype)
-    if to == "bnlab" and type(module) in _torch_classes():
-        target_convention = convention or "torch"
-        momentum = module.momentum
-        if target_convention == "keras" and momentum is not None:
-            momentum = torch_momentum_to_keras(momentum)
-        cls = _bnlab_classes()[_torch_classes()[type(module)]]
-        return _copy_state(module, cls(module.num_features, eps=module.eps, momentum=momentum,
-                                       convention=target_convention, **options))
-    if to == "torch" and isinstance(module, BnlabBatchNorm):
-        if isinstance(module, (bnn.BatchRenorm1d, bnn.BatchRenorm2d, bnn.BatchRenorm3d, bnn.GhostBatchNorm1d,
-                               bnn.GhostBatchNorm2d)):
-            raise ValueError(f"{type(module).__name__} has no torch.nn equivalent (its training step differs); "
-                             "freeze it (bnlab.nn.freeze_batchnorm) or convert only plain batch norms")
-        if module.skip_nonfinite_update:
-            warnings.warn("torch.nn.BatchNorm has no skip_nonfinite_update: a non-finite batch will reach the "
-                          "running statistics of the converted layer", UserWarning, stacklevel=4)
-        momentum = module.momentum
-        if module.convention == "keras" and momentum is not None:
-            momentum = keras_momentum_to_torch(momentum)
-        dims = next((d for cls, d in _torch_classes().items() if isinstance(module, cls)), None)
-        if dims is None:
-            raise ValueError(f"{type(module).__name__} has no single torch.nn.BatchNormNd class; for a "
-                             "SyncBatchNorm, call bnlab.nn.revert_sync_batchnorm first")
-        cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
-        if module.affine and module.bias is None:
-            raise ValueError("a bnlab batch norm without a learned β (bias=False) has no torch.nn equivalent")
-        return _copy_state(module, cls(module.num_features, eps=module.eps, momentum=momentum, **options))
-    return None
+    if isinstance(module, (bnn.BatchRenorm1d, bnn.BatchRenorm2d, bnn.BatchRenorm3d, bnn.GhostBatchNorm1d,
+                           bnn.GhostBatchNorm2d)):
+        raise ValueError(f"{type(module).__name__} has no torch.nn equivalent (its training step differs); "
+                         "freeze it (bnlab.nn.freeze_batchnorm) or convert only plain batch norms")
+    dims = next((d for cls, d in _torch_classes().items() if isinstance(module, cls)), None)
+    if dims is None:
+        raise ValueError(f"{type(module).__name__} has no single torch.nn.BatchNormNd class; for a "
+                         "SyncBatchNorm, call bnlab.nn.revert_sync_batchnorm first")
+    if module.affine and module.bias is None:
+        raise ValueError("a bnlab batch norm without a learned β (bias=False) has no torch.nn equivalent")
+    if module.skip_nonfinite_update:
+        warnings.warn("torch.nn.BatchNorm has no skip_nonfinite_update: a non-finite batch will reach the "
+                      "running statistics of the converted layer", UserWarning, stacklevel=5)
+    momentum = module.momentum
+    if module.convention == "keras" and momentum is not None:
+        momentum = keras_momentum_to_torch(momentum)
+    cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
+    return copy_norm_state(module, cls(module.num_features, eps=module.eps, momentum=momentum, affine=module.affine,
+                                       track_running_stats=module.track_running_stats, **factory_kwargs(module)))
 
 
 def convert_batchnorm(model: nn.Module, to: str = "bnlab", *, convention: str | None = None,
@@ -119,16 +107,12 @@ def convert_batchnorm(model: nn.Module, to: str = "bnlab", *, convention: str | 
         raise ValueError(f"to must be 'bnlab' or 'torch', got {to!r}")
     if convention not in (None, "torch", "keras") or (convention is not None and to == "torch"):
         raise ValueError("convention is 'torch' or 'keras', and only for to='bnlab'")
+    from bnlab.nn.batchnorm import _BatchNorm as BnlabBatchNorm
+
     target = model if inplace else copy.deepcopy(model)
-    replacement = _converted(target, to, convention)
-    if replacement is not None:
-        return replacement
-    for name, module in list(target.named_modules()):
-        new = _converted(module, to, convention)
-        if new is not None:
-            parent, _, child = name.rpartition(".")
-            setattr(target.get_submodule(parent) if parent else target, child, new)
-    return target
+    if to == "bnlab":
+        return replace_modules(target, lambda m: type(m) in _torch_classes(), lambda m: _to_bnlab(m, convention))
+    return replace_modules(target, lambda m: isinstance(m, BnlabBatchNorm), _to_torch)
 
 
 @dataclass
