@@ -155,8 +155,14 @@ def compiled_batch_norm(x, running_mean, running_var, weight, bias, training, mo
     mixed dtypes, a missing compiler)."""
     from bnlab.functional.backend import _eligible
 
-    if not training or not _eligible(x, weight, bias, running_mean, running_var):  # (when chosen by name)
+    if not training or not _eligible(x, weight, bias, running_mean, running_var):
         return native_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, correction)
+    return compiled_train(x, running_mean, running_var, weight, bias, momentum, eps, correction)
+
+
+def compiled_train(x, running_mean, running_var, weight, bias, momentum, eps, correction):
+    """The compiled training call itself, for a caller that has already checked it can serve ``x``
+    (:func:`bnlab.functional.backend.compiled_serves`): no second check on the hot path."""
     unbias = bessel_factor(x.numel() // x.size(1), correction)
     return torch.ops.bnlab.batch_norm_train(x, weight, bias, running_mean, running_var, eps, momentum, unbias)
 

@@ -19,7 +19,7 @@ from bnlab.functional.backend import compiled_serves
 from bnlab.functional.compiled import load_kernels
 from bnlab.functional.core import bessel_factor, channel_view, compute_stats, normalize, update_running_stats
 from bnlab.functional.kernels import (
-    compiled_batch_norm,
+    compiled_train,
     corrected_running_var,
     memory_layout,
     native_batch_norm,
@@ -147,8 +147,8 @@ def _eager_batch_norm(
             if training and not skip_nonfinite_update and compiled_serves(input, weight, bias, running_mean,
                                                                           running_var):
                 _check_eps(eps, True)
-                return compiled_batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps,
-                                           running_var_correction)
+                return compiled_train(input, running_mean, running_var, weight, bias, momentum, eps,
+                                      running_var_correction)
             if not skip_nonfinite_update:
                 return native_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                          running_var_correction)
