@@ -355,3 +355,12 @@ def test_the_report_lists_what_changed_since_an_earlier_report(tmp_path):
     assert "- 13. Ghost BN helps large-batch training: **supported**, was not supported (quick protocol then; now " \
            "full protocol, 5 seeds, each seed its own batch order)." in text
     assert "- 12." not in text  # not rerun: nothing to say
+
+
+def test_report_with_a_missing_previous_file_is_one_line(tmp_path, capsys):
+    from bnlab.cli.main import main
+
+    assert main(["claims", "report", "--store", str(tmp_path / "runs.sqlite"), "--out", str(tmp_path / "r"),
+                 "--previous", str(tmp_path / "nope.md")]) == 2
+    err = capsys.readouterr().err
+    assert "no such file" in err and err.count("\n") == 1

@@ -130,6 +130,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                 print(f"    rule: {claim.rule}")
             return 0
         if args.claims_command == "report":
+            if args.previous is not None and not args.previous.is_file():
+                raise UsageError(f"--previous {args.previous}: no such file (an earlier claims.md to compare with)")
             paths = write_claims_report(load_results(results_dir) if results_dir.exists() else {}, args.out,
                                         args.markdown, args.previous)
             print(f"report: {paths['markdown']} and {paths['html']}")
