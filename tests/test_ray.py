@@ -11,6 +11,7 @@ import torch
 from bnlab.experiments.compare import CompareRequest, run_compare
 from bnlab.store import RunStore
 from fakes import fake_dataset
+from test_claims import tiny_protocols  # noqa: F401 - a fixture
 
 import ray  # noqa: E402,F401  - the Makefile installs the [ray] extra: its absence must fail, not skip
 
@@ -82,3 +83,76 @@ def test_without_ray_the_flag_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_ray)
     with pytest.raises(BnlabError, match=r"pip install 'bnlab\[ray\]'"):
         RayExecutor()
+
+
+@pytest.mark.parametrize("command", [["compare", "--ray"], ["claims", "run", "ics", "--ray"]])
+def test_the_ray_flag_without_ray_is_a_clear_error(command, monkeypatch, tmp_path, capsys):
+    import builtins
+
+    from bnlab.cli.main import main
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray":
+            raise ImportError("no ray")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    code = main([*command, "--store", str(tmp_path / "runs.sqlite")])
+    assert code != 0 and "pip install 'bnlab[ray]'" in capsys.readouterr().err
+    if command[0] == "compare":  # the flag is checked before the store is opened
+        assert not (tmp_path / "runs.sqlite").exists()
+
+
+def test_claims_take_jobs_or_ray_not_both(tmp_path, capsys):
+    from bnlab.cli.main import main
+
+    assert main(["claims", "run", "ics", "placement", "--ray", "--jobs", "2", "--store", str(tmp_path / "r.sqlite")]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def _flat(value, prefix=""):
+    """Every number of a claim's numbers, keyed by its path."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}/{key}").items()}
+    if isinstance(value, (list, tuple)):
+        return {k: v for i, item in enumerate(value) for k, v in _flat(item, f"{prefix}[{i}]").items()}
+    return {prefix: value}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["higher-lr", "ics", "frozen-transfer", "bn-lag"])
+def test_claims_on_ray_equal_the_sequential_runner(name, executor, tmp_path, tiny_protocols):
+    """Claims whose arms go to Ray as tasks (several at once through train_all, probes riding along,
+    claim 11's fine-tuning starting from a checkpoint the driver sends) give the numbers and verdict of
+    the same claims run here; only the driver writes the store, and a rerun trains nothing."""
+    from bnlab.experiments.claims import CLAIMS, ClaimContext
+
+    datasets = {"mnist": fake_dataset(n_train=128, n_test=100), "fashion": fake_dataset(n_train=128, n_test=100,
+                                                                                       name="fashion")}
+    results = {}
+    for where, ex in (("ray", executor), ("here", None)):
+        with RunStore(tmp_path / f"{where}.sqlite") as store:
+            ctx = ClaimContext(store=store, quick=True, seeds=2, out_dir=tmp_path, progress=False,
+                               datasets=datasets, executor=ex)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # as the tasks do: the same reductions, the same bits
+            try:
+                results[where] = CLAIMS[name].execute(ctx)
+                if ex is not None:
+                    assert ctx._remote_seconds  # the arms did train as tasks
+                    runs = store.runs()
+                    assert runs and all(r.status == "finished" for r in runs)
+                    again = CLAIMS[name].execute(ctx)
+                    assert len(store.runs()) == len(runs) and again.numbers == results[where].numbers
+            finally:
+                torch.set_num_threads(threads)
+    ray_numbers, here_numbers = _flat(results["ray"].numbers), _flat(results["here"].numbers)
+    assert ray_numbers.keys() == here_numbers.keys()
+    for key, value in here_numbers.items():
+        if isinstance(value, float):
+            assert ray_numbers[key] == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), key
+        else:
+            assert ray_numbers[key] == value, key
+    assert results["ray"].verdict == results["here"].verdict

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from bnlab.cli.common import add_store_option, open_store, output_dir, positive_int
+from bnlab.cli.common import add_ray_option, add_store_option, open_store, output_dir, positive_int, ray_executor
 from bnlab.errors import UsageError
 
 
@@ -25,6 +25,7 @@ def add_parser(subparsers) -> None:
                      help="claims run in this many processes at once, the cores shared among them (each process "
                           "then trains with cores/jobs threads; two 2-thread jobs on 2 cores would stall each "
                           "other). Default 1")
+    add_ray_option(run, "the arms (a claim's independent arms at once)")
     report = sub.add_parser("report", help="write claims.md and index.html from the latest results")
     report.add_argument("--out", type=Path, default=Path("out/claims"),
                         help="figures and the self-contained index.html (default: out/claims)")
@@ -144,10 +145,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise UsageError(f"unknown claim {unknown[0]!r}; see 'bnlab claims list'")
         protocol = "quick" if args.quick else "full"
         seeds = args.seeds or DEFAULT_SEEDS[protocol]
+        if args.ray is not None and args.jobs > 1:
+            raise UsageError("give --jobs (processes on this machine) or --ray (tasks on a Ray cluster), not both")
         if args.jobs > 1 and len(names) > 1:
             return _run_in_parallel(args, names, results_dir, protocol, seeds)
         ctx = ClaimContext(store=store, quick=args.quick, seeds=seeds, out_dir=args.out, fetch=True,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, executor=ray_executor(args))
         for position, name in enumerate(names, 1):
             expected = _expected_seconds(results_dir, name, protocol, seeds)
             if expected is not None:

@@ -17,6 +17,22 @@ def add_store_option(parser: argparse.ArgumentParser) -> None:
                         help="run store file (default: $BNLAB_STORE or ~/.local/share/bnlab/runs.sqlite)")
 
 
+def add_ray_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                        help=f"train {what} as parallel tasks on a Ray cluster (ADDRESS, e.g. ray://head:10001), "
+                             "or on a local Ray instance without one; this process alone writes the store; "
+                             "needs pip install 'bnlab[ray]'")
+
+
+def ray_executor(args: argparse.Namespace):
+    """The :class:`~bnlab.experiments.executors.RayExecutor` ``--ray`` asks for, or None."""
+    if args.ray is None:
+        return None
+    from bnlab.experiments.executors import RayExecutor
+
+    return RayExecutor(None if args.ray == "local" else args.ray)
+
+
 def open_store(args: argparse.Namespace, *, readonly: bool = False) -> RunStore:
     """The store of ``--store`` (or the default); ``readonly`` for commands that only look: they neither
     create the file nor need write access to it."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bnlab.cli.common import add_store_option, open_store, output_dir, positive_float, positive_int
+from bnlab.cli.common import (add_ray_option, add_store_option, open_store, output_dir, positive_float, positive_int,
+                              ray_executor)
 from bnlab.models.presets import PRESETS
 
 
@@ -33,9 +34,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for matmuls (faster, see README)")
     p.add_argument("--out", type=Path, default=Path("out/compare"), help="report directory (default: out/compare)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
-                   help="train the variants as parallel tasks on a Ray cluster (ADDRESS, e.g. ray://head:10001), "
-                        "or on a local Ray instance without one; needs pip install 'bnlab[ray]'")
+    add_ray_option(p, "the variants")
     add_store_option(p)
     p.set_defaults(run=run)
 
@@ -52,11 +51,7 @@ def run(args: argparse.Namespace) -> int:
                              bf16=args.bf16, variants=variants, settings=parse_settings(args.settings))
     request.configs()  # a variant or setting the preset cannot take fails here, before any work
     output_dir(args.out)
-    executor = None
-    if args.ray is not None:
-        from bnlab.experiments.executors import RayExecutor
-
-        executor = RayExecutor(None if args.ray == "local" else args.ray)
+    executor = ray_executor(args)
     with open_store(args) as store:
         summary = run_compare(request, store, progress=not args.no_progress, fetch=True, executor=executor)
         summary["phases_seconds"] = {"startup": startup, **summary["phases_seconds"]}

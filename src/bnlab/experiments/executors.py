@@ -9,7 +9,7 @@ single writer and its guarantees (leases, resume) hold whatever runs the trainin
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from bnlab.errors import BnlabError
 
@@ -43,10 +43,34 @@ class RayExecutor:
     def map(self, fn: Callable, calls: Sequence[tuple], *, shared: dict | None = None) -> list:
         """``[fn(*args, **shared) for args in calls]`` as parallel tasks; ``shared`` keyword values (a
         dataset) go to the object store once."""
+        results = [None] * len(calls)
+        for index, result in self.as_completed(fn, calls, shared=shared):
+            results[index] = result
+        return results
+
+    def as_completed(self, fn: Callable, calls: Sequence[tuple], *, shared: dict | None = None,
+                     per_call: Sequence[dict] | None = None) -> Iterator[tuple[int, object]]:
+        """``(index, fn(*calls[index], **shared, **per_call[index]))`` for every call, as each task
+        finishes, so the caller can record a result while the others still run. ``per_call`` keyword
+        values (e.g. one dataset per call) go to the object store once per distinct object."""
         ray = self._ray
         refs = {name: ray.put(value) for name, value in (shared or {}).items()}
+        put: dict[int, object] = {}  # id(value) -> its object ref: a dataset shared by several calls is put once
+
+        def ref_of(value):
+            if id(value) not in put:
+                put[id(value)] = ray.put(value)
+            return put[id(value)]
+
         remote = ray.remote(num_cpus=1, max_retries=self.max_retries)(fn)
-        return ray.get([remote.remote(*args, **refs) for args in calls])
+        pending = {}
+        for index, args in enumerate(calls):
+            extra = {name: ref_of(value) for name, value in (per_call[index] if per_call else {}).items()}
+            pending[remote.remote(*args, **refs, **extra)] = index
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                yield pending.pop(ref), ray.get(ref)
 
     def shutdown(self) -> None:
         self._ray.shutdown()

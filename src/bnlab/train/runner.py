@@ -152,6 +152,12 @@ def _reused(store: RunStore, group_id: str, seeds: list[int]) -> GroupResult:
 
 def _start(store: RunStore, trainer: StackedTrainer, start_from: StartFrom, label: str, spec: ModelSpec,
            seeds: list[int]) -> None:
+    _apply_start(trainer, start_state(store, start_from, label, spec, seeds), start_from.prepare)
+
+
+def start_state(store: RunStore, start_from: StartFrom, label: str, spec: ModelSpec, seeds: list[int]) -> dict:
+    """The model state ``label`` starts from: the finished group ``start_from`` names, checked to hold
+    the same architecture and seeds."""
     start = store.checkpoint_path(start_from.group_id)
     origin = store.runs(group_id=start_from.group_id)
     if not origin or any(r.status != "finished" for r in origin):
@@ -161,9 +167,13 @@ def _start(store: RunStore, trainer: StackedTrainer, start_from: StartFrom, labe
         raise StoreError(f"group {start_from.group_id} has another model or other seeds than {label}")
     if not start.exists():
         raise StoreError(f"group {start_from.group_id} has no checkpoint to start {label} from; train it first")
-    trainer.model.load_state_dict(load_checkpoint_file(start)["model"])
-    if start_from.prepare is not None:
-        start_from.prepare(trainer)
+    return load_checkpoint_file(start)["model"]
+
+
+def _apply_start(trainer: StackedTrainer, state: dict, prepare: Callable[[StackedTrainer], None] | None) -> None:
+    trainer.model.load_state_dict(state)
+    if prepare is not None:
+        prepare(trainer)
 
 
 def _restore(store: RunStore, trainer: StackedTrainer, group_id: str) -> None:
@@ -303,16 +313,19 @@ def _end(store: RunStore, group_id: str, status: str, add_wall_seconds: float) -
 
 
 def train_detached(label: str, spec: dict, cfg: dict, seeds: list[int], dataset: Dataset,
-                   threads: int | None = None) -> dict:
+                   threads: int | None = None, probes: tuple[Probe, ...] = (), start: tuple | None = None) -> dict:
     """Train one group where the run store is not (a Ray task on another core or machine): the same
     :class:`~bnlab.train.StackedTrainer` run as :func:`run_group`'s, returning everything
-    :func:`record_detached` writes (every evaluation's metrics, the final ones, the trained state).
-    Plain Python: nothing here imports Ray."""
+    :func:`record_detached` writes (every evaluation's metrics, probes' included, the final ones, the
+    trained state). ``start``: ``(model state, prepare)`` to fine-tune from (see :func:`start_state`
+    and :class:`StartFrom`). Plain Python: nothing here imports Ray."""
     if threads is not None:
         torch.set_num_threads(threads)
     spec_, cfg_ = ModelSpec.from_dict(spec), TrainConfig.from_dict(cfg)
     started = time.perf_counter()
-    trainer = StackedTrainer(spec_, cfg_, seeds, prepare_data(dataset, cfg_, spec_))
+    trainer = StackedTrainer(spec_, cfg_, seeds, prepare_data(dataset, cfg_, spec_), probes)
+    if start is not None:
+        _apply_start(trainer, *start)
     metrics: list[tuple[int, dict[str, list[float]]]] = []
     trainer.run(on_eval=lambda step, m: metrics.append((step, {k: v.tolist() for k, v in m.items()})))
     final = {k: v.tolist() for k, v in trainer.final_metrics().items()}
@@ -322,11 +335,12 @@ def train_detached(label: str, spec: dict, cfg: dict, seeds: list[int], dataset:
             "evaluation": trainer.eval_plan.describe(), "wall_seconds": time.perf_counter() - started}
 
 
-def record_detached(store: RunStore, spec: ModelSpec, cfg: TrainConfig, seeds: list[int], result: dict) -> GroupResult:
+def record_detached(store: RunStore, spec: ModelSpec, cfg: TrainConfig, seeds: list[int], result: dict,
+                    start_from: StartFrom | None = None) -> GroupResult:
     """Write a :func:`train_detached` result into ``store`` as a finished group (or reuse an identical
     finished one): the store's only writer stays the process that owns it."""
     label = result["label"]
-    config = group_config(label, spec, cfg, seeds)
+    config = group_config(label, spec, cfg, seeds, start_from)
     state, group_id, run_ids = store.claim_group(config_key(config), [(label, s, {**config, "seed": s}) for s in seeds],
                                                  result["total_steps"], code_version())
     if state == "finished":
@@ -352,9 +366,10 @@ def record_detached(store: RunStore, spec: ModelSpec, cfg: TrainConfig, seeds: l
     return GroupResult(group_id, run_ids, False, result["wall_seconds"], rate, result["phases"])
 
 
-def finished_group(store: RunStore, label: str, spec: ModelSpec, cfg: TrainConfig, seeds: list[int]) -> GroupResult | None:
+def finished_group(store: RunStore, label: str, spec: ModelSpec, cfg: TrainConfig, seeds: list[int],
+                   start_from: StartFrom | None = None) -> GroupResult | None:
     """The finished group :func:`run_group` would reuse for these arguments, or None."""
-    key = config_key(group_config(label, spec, cfg, seeds))
+    key = config_key(group_config(label, spec, cfg, seeds, start_from))
     for group_id, records in _groups(store, key).items():
         if all(r.status == "finished" for r in records):
             return _reused(store, group_id, seeds)

@@ -17,14 +17,16 @@ PLACEMENT = Rule((Criterion("final test accuracy with BN before − after the ac
 
 def _placement(ctx: ClaimContext) -> ClaimResult:
     steps = protocols.STEPS["placement"][ctx.protocol_name]
+    arms = {(act, placement): Arm(f"{act}/{placement}",
+                                  protocols.PAPER_MLP.with_(activation=act, norm="batch", placement=placement),
+                                  protocols.PAPER_SGD.with_(lr=0.1, steps=steps, eval_every=max(100, steps // 10)))
+            for act in ("relu", "sigmoid") for placement in ("before", "after")}
+    summaries = ctx.train_all("placement", arms)
     numbers, runs, intervals = {}, {}, {"before": [], "after": []}
     for act in ("relu", "sigmoid"):
         accs = {}
         for placement in ("before", "after"):
-            arm = Arm(f"{act}/{placement}",
-                      protocols.PAPER_MLP.with_(activation=act, norm="batch", placement=placement),
-                      protocols.PAPER_SGD.with_(lr=0.1, steps=steps, eval_every=max(100, steps // 10)))
-            summary = ctx.train("placement", arm)
+            arm, summary = arms[(act, placement)], summaries[(act, placement)]
             runs[arm.label] = [r["run_id"] for r in summary["per_seed"]]
             accs[placement] = values(summary, "final_test_acc")
             intervals[placement].append(mean_ci(accs[placement]).to_dict())

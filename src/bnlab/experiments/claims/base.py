@@ -29,7 +29,7 @@ from bnlab.models import ModelSpec
 from bnlab.stats import Interval
 from bnlab.store import RunStore
 from bnlab.train import TrainConfig, run_group
-from bnlab.train.runner import code_version
+from bnlab.train.runner import code_version, finished_group, record_detached, start_state, train_detached
 
 __all__ = ["Claim", "ClaimContext", "ClaimResult", "Arm", "VERDICTS", "Rule", "Criterion", "figure"]
 
@@ -59,6 +59,10 @@ class ClaimContext:
     arms_done: int = 0  # arms trained or reused by the claim running now
     arm_seconds: float = 0.0  # the store's training wall time of those arms (reused ones included)
     fetch: bool = False  # fetch a dataset missing from the cache (bnlab.data.fetch_dataset), as the command does
+    # where arms train: None here, one after another; a RayExecutor (``claims run --ray``): the arms of a
+    # train_all call not in the store yet as parallel tasks, recorded by this process as each finishes
+    executor: object | None = None
+    _remote_seconds: dict[str, float] = field(default_factory=dict)  # group label -> task time, this run
 
     def dataset(self, name: str) -> Dataset:
         if name not in self.datasets:
@@ -73,17 +77,56 @@ class ClaimContext:
         first trained with, and a claim that needs probe series should name its arms uniquely.
         ``start_from`` (:class:`bnlab.train.runner.StartFrom`) fine-tunes another group's models.
         """
+        if self.executor is not None:
+            self._train_remotely(claim, [(arm, probes, start_from)])
         started = time.perf_counter()
-        result = run_group(self.store, f"claim:{claim}/{arm.label}", arm.spec, arm.cfg, list(range(self.seeds)),
+        label = f"claim:{claim}/{arm.label}"
+        result = run_group(self.store, label, arm.spec, arm.cfg, list(range(self.seeds)),
                            dataset=self.dataset(arm.cfg.dataset), probes=probes, progress=self.progress,
                            start_from=start_from)
         self.data_orders.add(self.store.run(result.run_ids[0]).config["train"]["data_order"])
         self.arms_done += 1
         self.arm_seconds += result.wall_seconds or 0.0
         if self.progress:
-            how = "reused from the store" if result.reused else f"trained in {time.perf_counter() - started:.0f} s"
+            if label in self._remote_seconds:
+                how = f"trained as a Ray task in {self._remote_seconds[label]:.0f} s"
+            else:
+                how = "reused from the store" if result.reused else f"trained in {time.perf_counter() - started:.0f} s"
             tqdm.write(f"  {claim}: arm {self.arms_done} ({arm.label}, {self.seeds} seeds) {how}")
         return {**summarise_group(self.store, result, all_series=True), "label": arm.label}
+
+    def train_all(self, claim: str, arms: dict, probes: dict | None = None) -> dict:
+        """:meth:`train` for several independent arms: ``{key: summary}`` for ``{key: Arm}``, with
+        ``probes`` as ``{key: tuple of probes}``. With an executor the arms not in the store yet train
+        at once, one task each; without one, one after another, as :meth:`train` alone would."""
+        probes = probes or {}
+        if self.executor is not None:
+            self._train_remotely(claim, [(arm, probes.get(key, ()), None) for key, arm in arms.items()])
+        return {key: self.train(claim, arm, probes=probes.get(key, ())) for key, arm in arms.items()}
+
+    def _train_remotely(self, claim: str, requests: list[tuple]) -> None:
+        """Train the ``(arm, probes, start_from)`` requests not in the store yet as executor tasks, and
+        record each in the store as it finishes (so an interrupted run keeps what finished)."""
+        seeds = list(range(self.seeds))
+        todo = [(f"claim:{claim}/{arm.label}", arm, probes, start_from) for arm, probes, start_from in requests
+                if finished_group(self.store, f"claim:{claim}/{arm.label}", arm.spec, arm.cfg, seeds,
+                                  start_from) is None]
+        if not todo:
+            return
+        calls, per_call = [], []
+        for label, arm, probes, start_from in todo:
+            start = None
+            if start_from is not None:
+                start = (start_state(self.store, start_from, label, arm.spec, seeds), start_from.prepare)
+            calls.append((label, arm.spec.to_dict(), arm.cfg.to_dict(), seeds))
+            per_call.append({"dataset": self.dataset(arm.cfg.dataset), "probes": tuple(probes), "start": start})
+        if self.progress:
+            tqdm.write(f"  {claim}: {len(todo)} arm(s) sent as Ray tasks: {', '.join(t[1].label for t in todo)}")
+        for index, result in self.executor.as_completed(train_detached, calls, shared={"threads": 1},
+                                                        per_call=per_call):
+            label, arm, _, start_from = todo[index]
+            record_detached(self.store, arm.spec, arm.cfg, seeds, result, start_from)
+            self._remote_seconds[label] = result["wall_seconds"]
 
     def result(self, claim: str, protocol_text: str, statistic: str, numbers: dict, runs: dict[str, list[str]],
                figures: list[dict]) -> ClaimResult:

@@ -22,19 +22,16 @@ NORMS = {"BatchNorm": "batch", "GroupNorm": "group", "LayerNorm": "layer", "Batc
 
 def _small_batches(ctx: ClaimContext) -> ClaimResult:
     samples = protocols.SMALL_BATCH_SAMPLES[ctx.protocol_name]
+    arms = {(label, b): Arm(f"{label}/batch{b}", protocols.PAPER_MLP.with_(norm=norm),
+                            protocols.PAPER_SGD.with_(batch_size=b, lr=0.1 * b / 32, steps=max(1, samples // b),
+                                                      eval_every=max(1, samples // b // 5)))
+            for label, norm in NORMS.items() for b in protocols.SMALL_BATCHES}
+    summaries = ctx.train_all("small-batches", arms)
     finals, runs, lines = {}, {}, {}
-    for label, norm in NORMS.items():
-        points = []
-        for b in protocols.SMALL_BATCHES:
-            steps = max(1, samples // b)
-            arm = Arm(f"{label}/batch{b}", protocols.PAPER_MLP.with_(norm=norm),
-                      protocols.PAPER_SGD.with_(batch_size=b, lr=0.1 * b / 32, steps=steps,
-                                                eval_every=max(1, steps // 5)))
-            summary = ctx.train("small-batches", arm)
-            runs[arm.label] = [r["run_id"] for r in summary["per_seed"]]
-            finals[(label, b)] = values(summary, "final_test_acc")
-            points.append((b, mean_ci(finals[(label, b)]).to_dict()))
-        lines[label] = points
+    for (label, b), arm in arms.items():
+        runs[arm.label] = [r["run_id"] for r in summaries[(label, b)]["per_seed"]]
+        finals[(label, b)] = values(summaries[(label, b)], "final_test_acc")
+        lines.setdefault(label, []).append((b, mean_ci(finals[(label, b)]).to_dict()))
     smallest, largest = protocols.SMALL_BATCHES[0], protocols.SMALL_BATCHES[-1]
     best_alt = max(("GroupNorm", "LayerNorm"), key=lambda n: mean_ci(finals[(n, smallest)]).mean)
     numbers = {
@@ -79,8 +76,8 @@ def _accumulation(ctx: ClaimContext) -> ClaimResult:
         "GroupNorm, 8 × 4 accumulated": Arm("GN/accumulate8x4", mlp.with_(norm="group"), cfg.with_(accumulate=8)),
     }
     accs, runs = {}, {}
-    for label, arm in arms.items():
-        summary = ctx.train("accumulation", arm)
+    for label, summary in ctx.train_all("accumulation", arms).items():
+        arm = arms[label]
         runs[arm.label] = [r["run_id"] for r in summary["per_seed"]]
         accs[label] = values(summary, "final_test_acc")
     labels = list(arms)
@@ -119,7 +116,7 @@ def _ghost(ctx: ClaimContext) -> ClaimResult:
         large_label: Arm("large/BN", protocols.PAPER_MLP.with_(norm="batch"), large),
         ghost_label: Arm("large/ghost", protocols.PAPER_MLP.with_(norm="ghost", virtual_batch_size=p["virtual"]), large),
     }
-    summaries = {label: ctx.train("ghost", arm) for label, arm in arms.items()}
+    summaries = ctx.train_all("ghost", arms)
     runs = {arm.label: [r["run_id"] for r in summaries[label]["per_seed"]] for label, arm in arms.items()}
     accs = {label: values(s, "final_test_acc") for label, s in summaries.items()}
     # curves over epochs: each arm's evaluation steps converted to samples seen, then to epochs

@@ -28,8 +28,8 @@ def _ioffe_figure_1(ctx: ClaimContext) -> ClaimResult:
     cfg = cfg.with_(epochs=None, steps=steps, eval_every=max(50, steps // 100))
     probe_x = ctx.dataset(cfg.dataset).tensors("test", scaling=cfg.scaling)[0][:1000]
     probe = preactivation_percentiles(probe_x, activation=torch.nn.Sigmoid, unit=0)
-    arms = {label: ctx.train("ioffe-figure-1", Arm(label, spec.with_(norm=norm), cfg), probes=(probe,))
-            for label, norm in ARMS}
+    arms = ctx.train_all("ioffe-figure-1", {label: Arm(label, spec.with_(norm=norm), cfg) for label, norm in ARMS},
+                         probes={label: (probe,) for label, _ in ARMS})
     runs = {label: [r["run_id"] for r in s["per_seed"]] for label, s in arms.items()}
     threshold = protocols.IOFFE_THRESHOLD[ctx.protocol_name]
     to_threshold = {label: [first_step_reaching(c, threshold) or r["total_steps"]
@@ -85,7 +85,8 @@ def _ics(ctx: ClaimContext) -> ClaimResult:
     train_x, train_y = dataset.tensors("train", scaling=cfg.scaling)
     probes = (preactivation_percentiles(dataset.tensors("test", scaling=cfg.scaling)[0][:1000]),
               gradient_ics(train_x[:256], train_y[:256], lr=cfg.lr))
-    arms = {label: ctx.train("ics", Arm(label, spec.with_(norm=norm), cfg), probes=probes) for label, norm in ARMS}
+    arms = ctx.train_all("ics", {label: Arm(label, spec.with_(norm=norm), cfg) for label, norm in ARMS},
+                         probes=dict.fromkeys((label for label, _ in ARMS), probes))
     runs = {label: [r["run_id"] for r in s["per_seed"]] for label, s in arms.items()}
     per_seed = {label: {name: [series_mean(c) for c in series(s, name)] for name in ("ics_rel", "ics_cos", "ics_l2")}
                 for label, s in arms.items()}
@@ -132,8 +133,8 @@ def _landscape(ctx: ClaimContext) -> ClaimResult:
     dataset = ctx.dataset(cfg.dataset)
     train_x, train_y = dataset.tensors("train", scaling=cfg.scaling)
     probe = landscape(train_x[:256], train_y[:256], lr=cfg.lr, lengths=protocols.LANDSCAPE_LENGTHS)
-    arms = {label: ctx.train("landscape", Arm(label, spec.with_(norm=norm), cfg), probes=(probe,))
-            for label, norm in ARMS}
+    arms = ctx.train_all("landscape", {label: Arm(label, spec.with_(norm=norm), cfg) for label, norm in ARMS},
+                         probes={label: (probe,) for label, _ in ARMS})
     runs = {label: [r["run_id"] for r in s["per_seed"]] for label, s in arms.items()}
     measured = [m for m in LANDSCAPE_MEASURES if all(all(series(s, m)) for s in arms.values())]
     per_seed = {label: {m: [series_mean(c) for c in series(s, m)] for m in measured} for label, s in arms.items()}

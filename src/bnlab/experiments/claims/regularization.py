@@ -28,8 +28,8 @@ def _regularization(ctx: ClaimContext) -> ClaimResult:
         "BN then Dropout": spec.with_(norm="batch", dropout=0.3, dropout_position="after_norm"),
         "Dropout then BN": spec.with_(norm="batch", dropout=0.3, dropout_position="before_norm"),
     }
-    summaries = {label: ctx.train("regularization", Arm(label, arm_spec, cfg), probes=(probe,))
-                 for label, arm_spec in arms.items()}
+    summaries = ctx.train_all("regularization", {label: Arm(label, arm_spec, cfg) for label, arm_spec in arms.items()},
+                              probes=dict.fromkeys(arms, (probe,)))
     runs = {label: [r["run_id"] for r in s["per_seed"]] for label, s in summaries.items()}
     gaps = {label: values(s, "train_test_gap") for label, s in summaries.items()}
     accs = {label: values(s, "final_test_acc") for label, s in summaries.items()}

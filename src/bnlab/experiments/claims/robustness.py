@@ -23,18 +23,15 @@ HIGHER_LR = Rule((Criterion("final test accuracy of the ReLU net at the largest 
 def _higher_lr(ctx: ClaimContext) -> ClaimResult:
     lrs = (0.01, 0.1, 1.0, 2.0) if ctx.quick else (0.01, 0.1, 0.5, 1.0, 2.0)
     steps = protocols.STEPS["higher-lr"][ctx.protocol_name]
+    arms = {(act, label, lr): Arm(f"{act}/{label}/lr{lr}", protocols.PAPER_MLP.with_(activation=act, norm=norm),
+                                  protocols.PAPER_SGD.with_(lr=lr, steps=steps, eval_every=max(100, steps // 10)))
+            for act in ("relu", "sigmoid") for label, norm in (("no BN", "none"), ("BN", "batch")) for lr in lrs}
+    summaries = ctx.train_all("higher-lr", arms)
     results, runs, finals = {}, {}, {}
-    for act in ("relu", "sigmoid"):
-        for label, norm in (("no BN", "none"), ("BN", "batch")):
-            points = []
-            for lr in lrs:
-                arm = Arm(f"{act}/{label}/lr{lr}", protocols.PAPER_MLP.with_(activation=act, norm=norm),
-                          protocols.PAPER_SGD.with_(lr=lr, steps=steps, eval_every=max(100, steps // 10)))
-                summary = ctx.train("higher-lr", arm)
-                runs[arm.label] = [r["run_id"] for r in summary["per_seed"]]
-                finals[(act, label, lr)] = values(summary, "final_test_acc")
-                points.append((lr, mean_ci(finals[(act, label, lr)]).to_dict()))
-            results[(act, label)] = points
+    for (act, label, lr), arm in arms.items():
+        runs[arm.label] = [r["run_id"] for r in summaries[(act, label, lr)]["per_seed"]]
+        finals[(act, label, lr)] = values(summaries[(act, label, lr)], "final_test_acc")
+        results.setdefault((act, label), []).append((lr, mean_ci(finals[(act, label, lr)]).to_dict()))
     top = max(lrs)
     numbers = {
         "final_test_acc": {f"{act}, {label}": {str(lr): iv for lr, iv in pts} for (act, label), pts in results.items()},
@@ -70,17 +67,15 @@ INIT_SENSITIVITY = Rule((Criterion("final test accuracy at each network's worst 
 def _init_sensitivity(ctx: ClaimContext) -> ClaimResult:
     scales = (0.01, 0.1, 1.0, 5.0) if ctx.quick else (0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0)
     steps = protocols.STEPS["init-sensitivity"][ctx.protocol_name]
+    arms = {(label, scale): Arm(f"{label}/std{scale}", protocols.PAPER_MLP.with_(norm=norm, init_scale=scale),
+                                protocols.PAPER_SGD.with_(lr=0.1, steps=steps, eval_every=max(100, steps // 10)))
+            for label, norm in (("no BN", "none"), ("BN", "batch")) for scale in scales}
+    summaries = ctx.train_all("init-sensitivity", arms)
     results, runs, finals = {}, {}, {}
-    for label, norm in (("no BN", "none"), ("BN", "batch")):
-        points = []
-        for scale in scales:
-            arm = Arm(f"{label}/std{scale}", protocols.PAPER_MLP.with_(norm=norm, init_scale=scale),
-                      protocols.PAPER_SGD.with_(lr=0.1, steps=steps, eval_every=max(100, steps // 10)))
-            summary = ctx.train("init-sensitivity", arm)
-            runs[arm.label] = [r["run_id"] for r in summary["per_seed"]]
-            finals[(label, scale)] = values(summary, "final_test_acc")
-            points.append((scale, mean_ci(finals[(label, scale)]).to_dict()))
-        results[("relu", label)] = points
+    for (label, scale), arm in arms.items():
+        runs[arm.label] = [r["run_id"] for r in summaries[(label, scale)]["per_seed"]]
+        finals[(label, scale)] = values(summaries[(label, scale)], "final_test_acc")
+        results.setdefault(("relu", label), []).append((scale, mean_ci(finals[(label, scale)]).to_dict()))
 
     def worst(label):
         return min(scales, key=lambda s: mean_ci(finals[(label, s)]).mean)

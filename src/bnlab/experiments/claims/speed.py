@@ -27,13 +27,19 @@ def _lag_probe(ctx: ClaimContext, spec, cfg):
                                   reestimate_x=reestimate_x, reestimate_batches=protocols.LAG_REESTIMATE_BATCHES)
 
 
-def _arms(ctx: ClaimContext, recipe: str, epochs) -> dict[str, dict]:
-    spec, cfg = preset(recipe, epochs)
-    out = {}
-    for label, norm in (("no BN", "none"), ("BN", "batch")):
-        arm_spec = spec.with_(norm=norm)
-        probes = (_lag_probe(ctx, arm_spec, cfg),) if recipe == LAG_RECIPE and norm == "batch" else ()
-        out[label] = ctx.train("trains-faster", Arm(f"{recipe}/{label}", arm_spec, cfg), probes=probes)
+def _arms(ctx: ClaimContext, recipes: dict[str, float | None]) -> dict[str, dict[str, dict]]:
+    """Claim 1's arms, ``{recipe: {"no BN" | "BN": summary}}``, for ``{recipe: epochs or None}``."""
+    arms, probes = {}, {}
+    for recipe, epochs in recipes.items():
+        spec, cfg = preset(recipe, epochs)
+        for label, norm in (("no BN", "none"), ("BN", "batch")):
+            arms[(recipe, label)] = Arm(f"{recipe}/{label}", spec.with_(norm=norm), cfg)
+            if recipe == LAG_RECIPE and norm == "batch":
+                probes[(recipe, label)] = (_lag_probe(ctx, arms[(recipe, label)].spec, cfg),)
+    summaries = ctx.train_all("trains-faster", arms, probes)
+    out: dict[str, dict[str, dict]] = {}
+    for (recipe, label), summary in summaries.items():
+        out.setdefault(recipe, {})[label] = summary
     return out
 
 
@@ -44,8 +50,7 @@ TRAINS_FASTER = Rule((Criterion("steps to 95% test accuracy without BN − with 
 def _trains_faster(ctx: ClaimContext) -> ClaimResult:
     recipes = {"torch-mlp": protocols.QUICK_EPOCHS} if ctx.quick else dict.fromkeys(RECIPES)
     numbers, runs, curves = {}, {}, {}
-    for recipe, epochs in recipes.items():
-        arms = _arms(ctx, recipe, epochs)
+    for recipe, arms in _arms(ctx, recipes).items():
         for label, summary in arms.items():
             runs[f"{recipe}/{label}"] = [r["run_id"] for r in summary["per_seed"]]
             curves[f"{recipe}, {label}"] = curve_with_ci(series(summary, "test_acc"))
@@ -101,7 +106,7 @@ def _steps_to(curves: list[list[tuple[int, float]]], totals: list[int], threshol
 def _bn_lag(ctx: ClaimContext) -> ClaimResult:
     epochs = protocols.QUICK_EPOCHS if ctx.quick else None
     spec, cfg = preset(LAG_RECIPE, epochs)
-    claim1 = _arms(ctx, LAG_RECIPE, epochs)  # claim 1's runs, probed while they trained
+    claim1 = _arms(ctx, {LAG_RECIPE: epochs})[LAG_RECIPE]  # claim 1's runs, probed while they trained
     bn = claim1["BN"]
     if not all(series(bn, "acc_precise")):  # claim 1 ran before this probe existed: the same runs, probed
         bn_spec = spec.with_(norm="batch")
