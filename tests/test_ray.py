@@ -67,11 +67,10 @@ def test_a_task_whose_worker_dies_is_run_again(executor, tmp_path):
     assert (tmp_path / "died").exists()  # the first attempt did die
 
 
-def test_without_ray_the_flag_says_how_to_install_it(monkeypatch):
+@pytest.fixture
+def without_ray(monkeypatch):
+    """``import ray`` fails, as where the [ray] extra is not installed."""
     import builtins
-
-    from bnlab.errors import BnlabError
-    from bnlab.experiments.executors import RayExecutor
 
     real_import = builtins.__import__
 
@@ -81,24 +80,20 @@ def test_without_ray_the_flag_says_how_to_install_it(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_ray)
+
+
+def test_without_ray_the_executor_says_how_to_install_it(without_ray):
+    from bnlab.errors import BnlabError
+    from bnlab.experiments.executors import RayExecutor
+
     with pytest.raises(BnlabError, match=r"pip install 'bnlab\[ray\]'"):
         RayExecutor()
 
 
 @pytest.mark.parametrize("command", [["compare", "--ray"], ["claims", "run", "ics", "--ray"]])
-def test_the_ray_flag_without_ray_is_a_clear_error(command, monkeypatch, tmp_path, capsys):
-    import builtins
-
+def test_the_ray_flag_without_ray_is_a_clear_error(command, without_ray, tmp_path, capsys):
     from bnlab.cli.main import main
 
-    real_import = builtins.__import__
-
-    def no_ray(name, *args, **kwargs):
-        if name == "ray":
-            raise ImportError("no ray")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_ray)
     code = main([*command, "--store", str(tmp_path / "runs.sqlite")])
     assert code != 0 and "pip install 'bnlab[ray]'" in capsys.readouterr().err
     if command[0] == "compare":  # the flag is checked before the store is opened

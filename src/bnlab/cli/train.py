@@ -6,6 +6,7 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from bnlab.cli.common import add_store_option, positive_int
 from bnlab.errors import UsageError
@@ -21,6 +22,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the preset's length)")
     p.add_argument("--nproc", type=positive_int, default=1, help="local worker processes (default 1)")
+    p.add_argument("--checkpoint", type=Path, default=None, metavar="FILE",
+                   help="save model, optimizer and step here every --checkpoint-every steps, and resume from it "
+                        "when it exists (a rerun, or torchrun --max-restarts after a worker died)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="STEPS",
+                   help="steps between checkpoints (default: the preset's, 500)")
     add_store_option(p)
     p.set_defaults(run=run)
 
@@ -41,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
             command += ["--steps", str(args.steps)]
         if args.store:
             command += ["--store", str(args.store)]
+        if args.checkpoint:
+            command += ["--checkpoint", str(args.checkpoint)]
+        if args.checkpoint_every:
+            command += ["--checkpoint-every", str(args.checkpoint_every)]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # N workers share the cores
         return subprocess.call(command, env=env)
     return _train(args)
@@ -59,6 +69,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.steps:
         train.pop("epochs", None)
         train["steps"] = args.steps
+    if args.checkpoint_every:
+        train["checkpoint_every"] = args.checkpoint_every
     cfg = TrainConfig.from_dict(train)
     rank, world = world_from_environment()
     dataset = fetch_dataset(cfg.dataset) if rank == 0 else None
@@ -73,7 +85,8 @@ def _train(args: argparse.Namespace) -> int:
         dataset = load_dataset(cfg.dataset)
     store = RunStore(args.store) if rank == 0 else None
     say = print if rank == 0 else (lambda *a, **k: None)
-    result = train_data_parallel(spec, cfg, dataset, seed=args.seed, store=store, label=args.preset, log=say)
+    result = train_data_parallel(spec, cfg, dataset, seed=args.seed, store=store, label=args.preset, log=say,
+                                 checkpoint=args.checkpoint)
     say(f"{args.preset}: {result.steps} steps on {result.world_size} process(es), "
         f"{result.seconds_per_step * 1e3:.1f} ms/step, final test accuracy {result.test_acc:.4f}"
         + (f" (run {result.run_id})" if result.run_id else ""))
