@@ -14,7 +14,7 @@ time per call is reported, with:
   ratio is the noise floor of the run. "min r" is the ratio of the two fastest samples, a cross-check
   that noise bursts (which only ever add time) cannot inflate. Bars are judged on the paired median.
 
-Run:  .venv/bin/python benchmarks/bench_ops.py [--rounds 15] [--quick]
+Run:  .venv/bin/python benchmarks/bench_ops.py [--rounds 15] [--quick] [--shapes NCHW]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ SHAPES = [
     ("(4096,1024)", (4096, 1024), torch.contiguous_format),
     ("(32,64,56,56) NCHW", (32, 64, 56, 56), torch.contiguous_format),
     ("(32,64,56,56) NHWC", (32, 64, 56, 56), torch.channels_last),
-    ("(128,64,32,32)", (128, 64, 32, 32), torch.contiguous_format),
+    ("(128,64,32,32) NCHW", (128, 64, 32, 32), torch.contiguous_format),
 ]
 
 
@@ -177,6 +177,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="3 rounds, for a smoke run")
+    parser.add_argument("--shapes", default="", metavar="TEXT",
+                        help="only the shapes whose label contains TEXT (e.g. NCHW); the bars then cover those")
     args = parser.parse_args()
     rounds = 3 if args.quick else args.rounds
     torch.set_num_threads(2)
@@ -196,7 +198,7 @@ def main() -> None:
             "bnlab InstanceNorm": (1.5, train), "torch.nn #2": (None, both)}
     worst = dict.fromkeys(bars, 0.0)
     worst_min = dict.fromkeys(bars, 0.0)
-    for label, shape, fmt in SHAPES:
+    for label, shape, fmt in [s for s in SHAPES if args.shapes in s[0]]:
         res = bench_shape(shape, fmt, rounds)
         nbytes = torch.Size(shape).numel() * 4
         for name, times in res.items():
