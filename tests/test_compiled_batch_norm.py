@@ -162,6 +162,27 @@ def test_a_non_contiguous_input(compiled_backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["NCHW", "large-plane", "NCDHW"])
+def test_half_precision_planes_are_the_float32_kernel_rounded_to_nearest_even(name, dtype, compiled_backend):
+    """On planes the kernel widens half-precision values to float32 in blocks, runs the float32 arithmetic
+    and rounds the results back: so y and dx are exactly the float32 kernel's on the widened values, cast by
+    torch (round to nearest even). Odd plane sizes and planes longer than a block cover the tails."""
+    assert load_kernels()
+    shape, fmt = SHAPES[name]
+    x, up = _input(shape, fmt, dtype), _input(shape, fmt, dtype, seed=7)
+    weight, bias = torch.linspace(0.5, 1.5, shape[1]), torch.linspace(-1, 1, shape[1])
+
+    def step(x, up):
+        x = x.detach().clone().requires_grad_(True)
+        y = torch.ops.bnlab.batch_norm_train(x, weight, bias, None, None, 1e-5, 0.1, 1.0)
+        y.backward(up)
+        return y.detach(), x.grad
+
+    (y_half, dx_half), (y_float, dx_float) = step(x, up), step(x.float(), up.float())
+    assert torch.equal(y_half, y_float.to(dtype)) and torch.equal(dx_half, dx_float.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", ["NC", "NCHW", "NCHW-channels-last"])
 def test_half_precision_inputs_with_float32_statistics_are_as_accurate_as_aten(name, dtype, compiled_backend):
     """A bfloat16/float16 input with float32 parameters and buffers (what autocast gives a batch norm): the
