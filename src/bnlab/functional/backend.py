@@ -24,6 +24,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from bnlab.functional import dispatch_table
+
 __all__ = ["set_backend", "get_backend", "BACKENDS", "compiled_serves", "compiled_layout"]
 
 BACKENDS = ("aten", "compiled", "auto")
@@ -80,12 +82,25 @@ def _eligible(x: Tensor, *params: Optional[Tensor]) -> bool:
     return load_kernels()
 
 
-def _faster_here(x: Tensor) -> bool:
-    from bnlab.functional.dispatch_table import FASTER
+# The table by dtype, then layout, made once per table object: "auto" asks on every training call, and
+# an input whose dtype has no entry (most of them) must cost it a dict lookup, not a layout analysis.
+_by_dtype: tuple[object, dict] = (None, {})
 
-    if not FASTER or x.dim() < 2:
+
+def _faster_here(x: Tensor) -> bool:
+    global _by_dtype
+    table, by_dtype = _by_dtype
+    if table is not dispatch_table.FASTER:
+        table, by_dtype = dispatch_table.FASTER, {}
+        for (layout, dtype), ranges in table.items():
+            by_dtype.setdefault(getattr(torch, dtype), {})[layout] = ranges
+        _by_dtype = (table, by_dtype)
+    layouts = by_dtype.get(x.dtype)
+    if not layouts or x.dim() < 2:
         return False
-    ranges = FASTER.get((compiled_layout(x), str(x.dtype).removeprefix("torch.")), ())
+    ranges = layouts.get(compiled_layout(x), ())
+    if not ranges:
+        return False
     values_per_channel = x.numel() // x.shape[1]
     return any(low <= values_per_channel < high and x.shape[1] >= min_channels
                for low, high, min_channels in ranges)
