@@ -364,3 +364,15 @@ def test_report_with_a_missing_previous_file_is_one_line(tmp_path, capsys):
                  "--previous", str(tmp_path / "nope.md")]) == 2
     err = capsys.readouterr().err
     assert "no such file" in err and err.count("\n") == 1
+
+
+def test_the_time_estimate_of_a_rerun_with_other_seeds_is_the_arms_training_time(tmp_path):
+    """A last run that reused every arm took seconds; with another number of seeds every arm trains again,
+    so the estimate is what the arms took to train, scaled by the seeds."""
+    from bnlab.cli.claims import _expected_seconds
+
+    ClaimResult("trains-faster", "full", "", 5, "", {}, "supported", "", [], {}, 36.0,
+                arm_seconds=3600.0).save(tmp_path)
+    assert _expected_seconds(tmp_path, "trains-faster", "full", 5) == pytest.approx(36.0)
+    assert _expected_seconds(tmp_path, "trains-faster", "full", 7) == pytest.approx(3600.0 * 7 / 5)
+    assert _expected_seconds(tmp_path, "trains-faster", "quick", 5) is None

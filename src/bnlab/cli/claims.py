@@ -40,8 +40,10 @@ def add_parser(subparsers) -> None:
 
 
 def _expected_seconds(results_dir: Path, name: str, protocol: str, seeds: int) -> float | None:
-    """The wall time of this claim's last run at this protocol, scaled to ``seeds`` (the stacked engine
-    trains the seeds of an arm together, so this errs high), or None if it never ran."""
+    """How long this claim should take: its last run's wall time at this protocol, or, with another number
+    of seeds (every arm trains again), the time its arms took to train (a last run that reused them took
+    seconds); scaled to ``seeds`` (the stacked engine trains an arm's seeds together, so this errs high).
+    None if it never ran."""
     from bnlab.experiments.claims import ClaimResult
 
     path = results_dir / f"{name}.{protocol}.json"
@@ -51,7 +53,8 @@ def _expected_seconds(results_dir: Path, name: str, protocol: str, seeds: int) -
         last = ClaimResult.load(path)
     except (ValueError, TypeError, OSError):
         return None
-    return last.wall_seconds * max(1.0, seeds / max(1, last.seeds))
+    base = last.wall_seconds if seeds == last.seeds else max(last.wall_seconds, last.arm_seconds)
+    return base * max(1.0, seeds / max(1, last.seeds))
 
 
 def _clock(seconds: float) -> str:
