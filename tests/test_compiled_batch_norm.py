@@ -32,6 +32,7 @@ SHAPES = {  # name: (shape, memory format)
     "spatial-1x1": ((8, 6, 1, 1), None),
     "many-channels": ((64, 2048), None),
     "large-plane": ((2, 3, 96, 96), None),
+    "partial-run": ((2, 3, 50, 50), None),  # 2,500 values a plane: four runs of 512 and one of 452
 }
 
 
@@ -161,8 +162,32 @@ def test_a_non_contiguous_input(compiled_backend):
     torch.testing.assert_close(dx1, dx2, rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("shape, fmt", [((256, 4), None), ((32, 4, 56, 56), None), ((8, 4, 50, 50), None),
+                                        ((32, 4, 56, 56), torch.channels_last)],
+                         ids=["rows", "planes", "planes-partial-run", "channels-last"])
+@pytest.mark.parametrize("offset", [30.0, 100.0])
+def test_a_far_offset_with_an_unusual_first_value_keeps_float32_accuracy(shape, fmt, offset, compiled_backend):
+    """The statistics are one pass around a shift K taken from the first values; data far from zero whose
+    first value is unlike the rest (a padded corner, a masked value) must not cost digits (it cost 1.5e-2
+    with K = the first value alone)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) + offset
+    if len(shape) == 2:
+        x[0, :] = 0.0
+    else:
+        x[0, :, 0, 0] = 0.0
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    want = nn.functional.batch_norm(x, None, None, training=True)
+    layer = OURS[len(shape)](shape[1], affine=False)
+    got = layer(x.float())
+    assert (got.double() - want).abs().max() < 5e-5
+    dims = [0, *range(2, x.dim())]
+    torch.testing.assert_close(layer.running_var.double(), 0.9 + 0.1 * x.var(dim=dims), rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("name", ["NCHW", "large-plane", "NCDHW"])
+@pytest.mark.parametrize("name", ["NCHW", "large-plane", "NCDHW", "partial-run"])
 def test_half_precision_planes_are_the_float32_kernel_rounded_to_nearest_even(name, dtype, compiled_backend):
     """On planes the kernel widens half-precision values to float32 in blocks, runs the float32 arithmetic
     and rounds the results back: so y and dx are exactly the float32 kernel's on the widened values, cast by

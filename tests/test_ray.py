@@ -139,6 +139,8 @@ def test_claims_on_ray_equal_the_sequential_runner(name, executor, tmp_path, tin
                     assert ctx._remote_seconds  # the arms did train as tasks
                     runs = store.runs()
                     assert runs and all(r.status == "finished" for r in runs)
+                    # each arm trained once: on Ray, then read back by ctx.train, not trained again here
+                    assert len({r.group_id for r in runs}) == ctx.arms_done
                     again = CLAIMS[name].execute(ctx)
                     assert len(store.runs()) == len(runs) and again.numbers == results[where].numbers
             finally:

@@ -67,10 +67,14 @@ class RayExecutor:
         for index, args in enumerate(calls):
             extra = {name: ref_of(value) for name, value in (per_call[index] if per_call else {}).items()}
             pending[remote.remote(*args, **refs, **extra)] = index
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                yield pending.pop(ref), ray.get(ref)
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    yield pending.pop(ref), ray.get(ref)
+        finally:  # a failed task or an interrupted caller: the tasks still running are not wanted
+            for ref in pending:
+                ray.cancel(ref, force=True)
 
     def shutdown(self) -> None:
         self._ray.shutdown()

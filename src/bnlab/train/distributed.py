@@ -18,9 +18,10 @@ processes). Rank 0 evaluates and writes the run store; the others only train.
 
 With a ``checkpoint`` file, rank 0 saves the model, the optimizer and the step there every
 ``checkpoint_every`` steps (atomically), and a run that finds the file resumes from it: what
-``torchrun --max-restarts`` needs after a worker dies. The global batches do not depend on W, so a
-run may resume on another number of workers. A resumed run trains what an uninterrupted one trains,
-except for dropout masks, which are drawn afresh.
+``torchrun --max-restarts`` needs after a worker dies. A run may resume on another number of workers:
+the global batches are the same for every W that divides the training set (otherwise the sampler's
+padding repeats up to W − 1 examples in each epoch's last batch). A resumed run trains what an
+uninterrupted one trains, except for dropout masks, which are drawn afresh.
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ def _resume_state(checkpoint: Path | None, identity: dict, world: int) -> dict |
             state = load_checkpoint_file(checkpoint)
         except CheckpointDamaged as exc:
             state = {"error": f"{exc}: delete it to start afresh"}
+        except OSError as exc:  # told to every rank below, rather than leaving them waiting for rank 0
+            state = {"error": f"checkpoint {checkpoint} cannot be read ({exc})"}
         else:
             if state.get("identity") != identity:
                 state = {"error": f"checkpoint {checkpoint} was made by another model, training config or seed; "

@@ -88,8 +88,8 @@ class ClaimContext:
         self.arms_done += 1
         self.arm_seconds += result.wall_seconds or 0.0
         if self.progress:
-            if label in self._remote_seconds:
-                how = f"trained as a Ray task in {self._remote_seconds[label]:.0f} s"
+            if label in self._remote_seconds:  # said once: a later claim sharing the arm reuses it
+                how = f"trained as a Ray task in {self._remote_seconds.pop(label):.0f} s"
             else:
                 how = "reused from the store" if result.reused else f"trained in {time.perf_counter() - started:.0f} s"
             tqdm.write(f"  {claim}: arm {self.arms_done} ({arm.label}, {self.seeds} seeds) {how}")

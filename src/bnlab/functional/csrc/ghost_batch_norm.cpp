@@ -7,9 +7,11 @@
 // contiguous buffer, chosen by the caller:
 //   planes: [G][v][C][S]  (NCL, NCHW, NCDHW contiguous; S = spatial size)
 //   rows:   [G][R][C]     ((N, C) inputs and channels_last; R = v * spatial size)
-// Statistics: one pass over sums of x − K and (x − K)² with K the ghost's first value of the
-// channel, a sample of the same data, so the shifted moments stay well conditioned whatever the
-// offset. Short runs are summed in float and the runs in double.
+// Statistics: one pass over sums of x − K and (x − K)², K the mean of the channel's first values in
+// the ghost (the first run of a plane, the first kRowRun rows), so the shifted moments do not cancel
+// whatever the data's offset. The one-pass variance loses digits by a factor 1 + (μ − K)²/σ²: when
+// that exceeds 1 + kRecentre (a first run unlike the rest), the squares are summed again around the
+// mean. Short runs are summed in float and the runs in double.
 // Planes-layout outputs of kStreamBytes or more are written with non-temporal stores (see kStreamBytes).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -29,6 +31,7 @@ namespace {
 constexpr int64_t kRowRun = 32;        // rows layout: rows summed in float before a double add
 constexpr int64_t kPlaneRun = 512;     // planes layout: values summed in float before a double add
 constexpr int64_t kRowChannelBlock = 256;  // rows layout: channels per statistics task
+constexpr double kRecentre = 4.0;  // (μ − K)² / σ² above which the variance is taken again around μ
 // Outputs (y forward, dx backward) of at least this many bytes bypass the caches. A normal store
 // first reads the line it overwrites (read for ownership): for y = f(x) that is a third of the
 // memory traffic. Streaming pays off once the output would not stay in the last-level cache for
@@ -48,7 +51,8 @@ const T* opt_ptr(const c10::optional<at::Tensor>& t) {
 
 // Half precision (bfloat16, float16) is read and written through float buffers of kPlaneRun values,
 // converted 16 at a time: the compiler does not vectorize c10's scalar conversions, which left the
-// half-precision kernels at 0.3-0.9x ATen's speed. Rounding to half is to nearest even, as c10's.
+// half-precision kernels at 0.3-0.9x ATen's speed. Rounding to half is to nearest even, as c10's
+// (except that the AVX-512 bfloat16 conversion flushes float32 subnormals, below 1.2e-38, to zero).
 template <typename T>
 constexpr bool kHalf = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
 
@@ -107,7 +111,7 @@ inline void run_shifted_moments(const T* p, int64_t n, A k, A& sum, A& sum_sq) {
   sum_sq = q;
 }
 
-// y[i] = x[i]·a + b, and y[i] = u[i]·a + (x[i] − m)·b + c: the output sweeps of the forward and backward.
+// y[i] = x[i]·a + b, and y[i] = u[i]·a + ((x[i] − m)·b + c): the output sweeps of the forward and backward.
 // With stream set (float32 on an AVX-512 build), whole aligned 64-byte lines are written with
 // non-temporal stores; the caller issues the fence (stream_fence) before the output is read.
 template <typename T, typename A>
@@ -153,7 +157,7 @@ inline void affine2_run(const T* u, const T* x, T* y, int64_t n, A m, A a, A b, 
 #ifdef __AVX512F__
   if constexpr (std::is_same_v<T, float>) {
     if (stream) {
-      for (; i < n && (reinterpret_cast<uintptr_t>(y + i) & 63); ++i) y[i] = u[i] * a + (x[i] - m) * b + c;
+      for (; i < n && (reinterpret_cast<uintptr_t>(y + i) & 63); ++i) y[i] = u[i] * a + ((x[i] - m) * b + c);
       const __m512 vm = _mm512_set1_ps(m), va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b), vc = _mm512_set1_ps(c);
       for (; i + 16 <= n; i += 16) {
         const __m512 t = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), vm), vb, vc);
@@ -164,7 +168,7 @@ inline void affine2_run(const T* u, const T* x, T* y, int64_t n, A m, A a, A b, 
 #endif
 #pragma omp simd
   for (int64_t j = i; j < n; ++j)
-    y[j] = static_cast<T>(static_cast<A>(u[j]) * a + (static_cast<A>(x[j]) - m) * b + c);
+    y[j] = static_cast<T>(static_cast<A>(u[j]) * a + ((static_cast<A>(x[j]) - m) * b + c));
 }
 
 // Σg and Σg·(x − m) over a contiguous run (at most kPlaneRun values for half precision).
@@ -246,17 +250,28 @@ void forward_planes(const T* x, T* y, const Fold& fold, A* mean, A* var, A* invs
     for (int64_t t = begin; t < end; ++t) {
       const int64_t g = t / C, c = t % C;
       const T* base = x + (g * v * C + c) * S;
-      const A k = static_cast<A>(base[0]);
-      double acc = 0, acc_sq = 0;
-      for (int64_t i = 0; i < v; ++i)
-        for (int64_t s0 = 0; s0 < S; s0 += kPlaneRun) {
-          A sum, sum_sq;
-          run_shifted_moments<A>(base + i * C * S + s0, std::min(kPlaneRun, S - s0), k, sum, sum_sq);
-          acc += sum;
-          acc_sq += sum_sq;
-        }
-      const double shifted_mean = acc / n;
-      double var_b = acc_sq / n - shifted_mean * shifted_mean;
+      auto moments_around = [&](A k, double& shifted_mean, double& var_b) {
+        double acc = 0, acc_sq = 0;
+        for (int64_t i = 0; i < v; ++i)
+          for (int64_t s0 = 0; s0 < S; s0 += kPlaneRun) {
+            A sum, sum_sq;
+            run_shifted_moments<A>(base + i * C * S + s0, std::min(kPlaneRun, S - s0), k, sum, sum_sq);
+            acc += sum;
+            acc_sq += sum_sq;
+          }
+        shifted_mean = acc / n;
+        var_b = acc_sq / n - shifted_mean * shifted_mean;
+      };
+      const int64_t first = std::min(kPlaneRun, S);
+      A first_sum, unused;
+      run_shifted_moments<A>(base, first, A(0), first_sum, unused);
+      A k = first_sum / static_cast<A>(first);
+      double shifted_mean, var_b;
+      moments_around(k, shifted_mean, var_b);
+      if (shifted_mean * shifted_mean > kRecentre * var_b) {  // K far from the mean: again around it
+        k = static_cast<A>(static_cast<double>(k) + shifted_mean);
+        moments_around(k, shifted_mean, var_b);
+      }
       if (var_b < 0) var_b = 0;  // round-off only; unlike std::max this keeps a NaN a NaN
       const A m = static_cast<A>(static_cast<double>(k) + shifted_mean);
       const A inv = static_cast<A>(1.0 / std::sqrt(var_b + eps));
@@ -345,31 +360,51 @@ void rows_affine(const T* x, T* y, const std::vector<A>& scale, const std::vecto
 template <typename T, typename A, typename Fold>
 void forward_rows(const T* x, T* y, const Fold& fold, A* mean, A* var, A* invstd,
                   int64_t G, int64_t R, int64_t C, double eps) {
-  // One pass for the statistics: sums of (x − K) and (x − K)² with K the ghost's first row, a
-  // value from the same distribution, so the shifted moments do not cancel catastrophically.
-  std::vector<double> s1, s2;
-  rows_ghost_sums<A>(G, R, C, s1, s2, [&](int64_t g, int64_t row, int64_t c0, int64_t width, A* a, A* q) {
-    const T* k = x + g * R * C + c0;
-    const T* xr = x + row * C + c0;
-#pragma omp simd
-    for (int64_t c = 0; c < width; ++c) {
-      const A d = static_cast<A>(xr[c]) - static_cast<A>(k[c]);
-      a[c] += d;
-      q[c] += d * d;
-    }
-  });
+  // One pass for the statistics, around K = the mean of each ghost's first kRowRun rows (see the top).
   const double n = static_cast<double>(R);
+  const int64_t first = std::min(kRowRun, R);
+  std::vector<A> k(G * C, A(0));
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t r = 0; r < first; ++r)
+      for (int64_t c = 0; c < C; ++c) k[g * C + c] += static_cast<A>(x[(g * R + r) * C + c]);
+  for (auto& value : k) value /= static_cast<A>(first);
+  auto moments_around = [&](std::vector<double>& shifted_mean, std::vector<double>& var_b) {
+    std::vector<double> s1, s2;
+    rows_ghost_sums<A>(G, R, C, s1, s2, [&](int64_t g, int64_t row, int64_t c0, int64_t width, A* a, A* q) {
+      const A* kg = k.data() + g * C + c0;
+      const T* xr = x + row * C + c0;
+#pragma omp simd
+      for (int64_t c = 0; c < width; ++c) {
+        const A d = static_cast<A>(xr[c]) - kg[c];
+        a[c] += d;
+        q[c] += d * d;
+      }
+    });
+    shifted_mean.resize(G * C);
+    var_b.resize(G * C);
+    for (int64_t q = 0; q < G * C; ++q) {
+      shifted_mean[q] = s1[q] / n;
+      var_b[q] = s2[q] / n - shifted_mean[q] * shifted_mean[q];
+    }
+  };
+  std::vector<double> shifted_mean, var_b;
+  moments_around(shifted_mean, var_b);
+  bool recentre = false;
+  for (int64_t q = 0; q < G * C; ++q) recentre |= shifted_mean[q] * shifted_mean[q] > kRecentre * var_b[q];
+  if (recentre) {  // some K far from its mean: every channel again, around the means just found
+    for (int64_t q = 0; q < G * C; ++q) k[q] = static_cast<A>(static_cast<double>(k[q]) + shifted_mean[q]);
+    moments_around(shifted_mean, var_b);
+  }
   std::vector<A> scale(G * C), shift(G * C);
   for (int64_t g = 0; g < G; ++g) {
     for (int64_t c = 0; c < C; ++c) {
-      const double shifted_mean = s1[g * C + c] / n;
-      double var_b = s2[g * C + c] / n - shifted_mean * shifted_mean;
-      if (var_b < 0) var_b = 0;  // round-off only; unlike std::max this keeps a NaN a NaN
-      const A m = static_cast<A>(static_cast<double>(x[g * R * C + c]) + shifted_mean);
-      const A inv = static_cast<A>(1.0 / std::sqrt(var_b + eps));
       const int64_t q = g * C + c;
+      double var_q = var_b[q];
+      if (var_q < 0) var_q = 0;  // round-off only; unlike std::max this keeps a NaN a NaN
+      const A m = static_cast<A>(static_cast<double>(k[q]) + shifted_mean[q]);
+      const A inv = static_cast<A>(1.0 / std::sqrt(var_q + eps));
       mean[q] = m;
-      var[q] = static_cast<A>(var_b);
+      var[q] = static_cast<A>(var_q);
       invstd[q] = inv;
       fold(q, c, m, inv, scale[q], shift[q]);
     }
