@@ -376,3 +376,12 @@ def test_the_time_estimate_of_a_rerun_with_other_seeds_is_the_arms_training_time
     assert _expected_seconds(tmp_path, "trains-faster", "full", 5) == pytest.approx(36.0)
     assert _expected_seconds(tmp_path, "trains-faster", "full", 7) == pytest.approx(3600.0 * 7 / 5)
     assert _expected_seconds(tmp_path, "trains-faster", "quick", 5) is None
+
+
+def test_effects_print_step_counts_as_whole_numbers_with_their_unit():
+    steps = Criterion("steps to 95% without BN − with BN", unit="steps")
+    assert steps.interval(Interval(5700.0, 4200.0, 7200.0, 5)) == "+5,700 [+4,200, +7,200] steps"
+    assert steps.describe(Interval(-480.0, -615.0, -345.0, 5)).startswith("steps to 95% without BN − with BN: -480 [-615")
+    points = Criterion("accuracy", 0.005, unit="points", scale=100)
+    assert points.interval(Interval(0.0119, 0.0053, 0.0184, 5)) == "+1.19 [+0.53, +1.84] points"
+    assert points.interval(Interval(0.01, float("nan"), float("nan"), 1)) == "+1 (n = 1)"

@@ -63,12 +63,6 @@ def _intervals(claim: Claim, result: ClaimResult) -> list[tuple[str, object, Int
             for condition, ivs in cases.items() for test, iv in zip(rule.tests, ivs)]
 
 
-def _effect(test, iv: Interval) -> str:
-    if iv.n < 2 or math.isnan(iv.low):
-        return f"{iv.mean * test.scale:+.3g} (n = {iv.n})"
-    unit = f" {test.unit}" if test.unit else ""
-    return f"{iv.mean * test.scale:+.3g} [{iv.low * test.scale:+.3g}, {iv.high * test.scale:+.3g}]{unit}"
-
 
 def seeds_needed(test, iv: Interval) -> int | None:
     """For an interval that straddles a boundary of ``test``: about how many seeds per arm would make it
@@ -137,7 +131,7 @@ def render_markdown(results: dict[str, ClaimResult], plot_prefix: str = "", prev
             lines.append(f"| {claim.number} | {claim.title} (`{claim.name}`) | not run yet | | | |")
             continue
         verdict = f"**{r.verdict}**" + (f" (was {r.earlier_verdict})" if r.earlier_verdict else "")
-        effects = "; ".join((f"{c}: " if c else "") + _effect(t, iv) for c, t, iv in _intervals(claim, r))
+        effects = "; ".join((f"{c}: " if c else "") + t.interval(iv) for c, t, iv in _intervals(claim, r))
         lines.append(f"| {claim.number} | {claim.title} (`{claim.name}`) | {verdict} | {effects} | {r.seeds} "
                      f"| {r.protocol} |")
     lines += ["", *_how_made(results)]

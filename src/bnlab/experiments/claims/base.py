@@ -279,6 +279,19 @@ class Criterion:
     def _number(self, value: float) -> str:
         return f"{value * self.scale:.3g}"
 
+    def signed(self, value: float) -> str:
+        """``value`` as the rule's effects are printed: scaled, signed, three digits, and whole numbers
+        from a thousand on (step counts: +5,700, not +5.7e+03)."""
+        scaled = value * self.scale
+        return f"{scaled:+,.0f}" if abs(scaled) >= 1000 else f"{scaled:+.3g}"
+
+    def interval(self, iv: Interval) -> str:
+        """``mean [low, high] unit``, or ``mean (n = 1)`` without an interval."""
+        if iv.n < 2 or math.isnan(iv.low):
+            return f"{self.signed(iv.mean)} (n = {iv.n})"
+        unit = f" {self.unit}" if self.unit else ""
+        return f"{self.signed(iv.mean)} [{self.signed(iv.low)}, {self.signed(iv.high)}]{unit}"
+
     @property
     def _margin(self) -> str:
         number = self._number(self.margin)
@@ -298,11 +311,9 @@ class Criterion:
         return f"{subject} lies below {self._margin}"
 
     def describe(self, iv: Interval) -> str:
-        unit = f" {self.unit}" if self.unit else ""
         if iv.n < 2 or math.isnan(iv.low):
             return f"{self.effect}: no interval (n = {iv.n})"
-        return (f"{self.effect}: {iv.mean * self.scale:+.3g} [{iv.low * self.scale:+.3g}, "
-                f"{iv.high * self.scale:+.3g}]{unit} → {self.outcome(iv)}")
+        return f"{self.effect}: {self.interval(iv)} → {self.outcome(iv)}"
 
 
 @dataclass(frozen=True)

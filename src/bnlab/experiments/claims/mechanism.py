@@ -17,7 +17,8 @@ ARMS = (("no BN", "none"), ("BN", "batch"))
 
 # -- 4. Ioffe & Szegedy Figure 1 ------------------------------------------------------------------------------
 
-IOFFE_FIGURE_1 = Rule((Criterion("steps to 95% test accuracy (90% in the quick protocol) without BN − with BN"),
+IOFFE_FIGURE_1 = Rule((Criterion("steps to 95% test accuracy (90% in the quick protocol) without BN − with BN",
+                                 unit="steps"),
                        Criterion("drift of the tracked sigmoid input's median without BN − with BN")),
                       evidence=lambda n: [one(n, "steps_to_", "_no_bn_minus_bn"), n["median_drift_no_bn_minus_bn"]])
 

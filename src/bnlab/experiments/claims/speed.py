@@ -43,7 +43,7 @@ def _arms(ctx: ClaimContext, recipes: dict[str, float | None]) -> dict[str, dict
     return out
 
 
-TRAINS_FASTER = Rule((Criterion("steps to 95% test accuracy without BN − with BN"),), each="recipe",
+TRAINS_FASTER = Rule((Criterion("steps to 95% test accuracy without BN − with BN", unit="steps"),), each="recipe",
                      evidence=lambda n: {recipe: [v["difference_no_bn_minus_bn"]] for recipe, v in n.items()})
 
 
@@ -91,8 +91,8 @@ def _ours_trains_faster(numbers: dict) -> str:
 
 
 BN_LAG = Rule((Criterion("steps to 95% of the Keras-convention CNN judged with its running averages − with "
-                         "precise statistics (same weights)"),
-               Criterion("steps to 95% with Keras' momentum 0.99 − with 0.9 (torch's 0.1)")),
+                         "precise statistics (same weights)", unit="steps"),
+               Criterion("steps to 95% with Keras' momentum 0.99 − with 0.9 (torch's 0.1)", unit="steps")),
               evidence=lambda n: [n["running_minus_precise"], n["momentum_099_minus_09"]])
 
 EVALUATIONS = {"running averages": "acc_running", "batch statistics": "acc_batch_stats",
