@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -344,8 +345,8 @@ def test_the_report_lists_what_changed_since_an_earlier_report(tmp_path):
            "| 12 | Gradient accumulation fixes small-batch BN (`accumulation`) | quick | **not supported** |\n"
            "| 13 | Ghost BN helps large-batch training (`ghost`) | quick | **not supported** |\n"
            "| 14 | BN on the output layer hurts (`output-layer`) | quick | **not supported** (was inconclusive) |\n")
-    assert previous_verdicts(old) == {12: ("not supported", "quick"), 13: ("not supported", "quick"),
-                                      14: ("not supported", "quick")}
+    assert previous_verdicts(old) == {12: ("not supported", "quick", None), 13: ("not supported", "quick", None),
+                                      14: ("not supported", "quick", None)}
     (tmp_path / "old.md").write_text(old)
     ghost = ClaimResult("ghost", "full", "p", 5, "s", {"ghost_minus_large_bn": _iv(0.006, 0.01).to_dict()},
                         "supported", "r", [], {}, 1.0, data_order="per_seed")
@@ -355,6 +356,13 @@ def test_the_report_lists_what_changed_since_an_earlier_report(tmp_path):
     assert "- 13. Ghost BN helps large-batch training: **supported**, was not supported (quick protocol then; now " \
            "full protocol, 5 seeds, each seed its own batch order)." in text
     assert "- 12." not in text  # not rerun: nothing to say
+    # the summary table of a report made now has a seeds column: a rerun with more seeds is a change too
+    (tmp_path / "now.md").write_text(text)
+    assert previous_verdicts(text)[13] == ("supported", "full", 5)
+    more = dataclasses.replace(ghost, seeds=7)
+    again = write_claims_report({"ghost": more}, tmp_path / "out2", tmp_path / "now2.md", previous=tmp_path / "now.md")
+    assert "- 13. Ghost BN helps large-batch training: **supported**, unchanged (full protocol, 5 seeds then; now " \
+           "full protocol, 7 seeds, each seed its own batch order)." in again["markdown"].read_text()
 
 
 def test_report_with_a_missing_previous_file_is_one_line(tmp_path, capsys):

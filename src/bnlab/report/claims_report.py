@@ -82,35 +82,40 @@ def _ordered() -> list[Claim]:
     return sorted(CLAIMS.values(), key=lambda c: c.number)
 
 
-def previous_verdicts(markdown: str) -> dict[int, tuple[str, str]]:
-    """``{claim number: (verdict, protocol)}`` from the summary table of an earlier claims report."""
+def previous_verdicts(markdown: str) -> dict[int, tuple[str, str, int | None]]:
+    """``{claim number: (verdict, protocol, seeds)}`` from the summary table of an earlier claims report
+    (seeds None in reports whose table had no seeds column)."""
     found = {}
     for line in markdown.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) < 4 or not cells[0].isdigit():
             continue
         verdict = next((re.search(r"\*\*(.+?)\*\*", c).group(1) for c in cells if "**" in c), None)
-        protocol = next((c for c in cells if c in ("quick", "full")), "")
+        at = next((i for i, c in enumerate(cells) if c in ("quick", "full")), None)
+        protocol = cells[at] if at is not None else ""
+        seeds = int(cells[at - 1]) if at is not None and at > 1 and cells[at - 1].isdigit() else None
         if verdict is not None:
-            found[int(cells[0])] = (verdict, protocol)
+            found[int(cells[0])] = (verdict, protocol, seeds)
         if line.startswith("## "):
             break
     return found
 
 
-def _changes(results: dict[str, ClaimResult], previous: dict[int, tuple[str, str]], since: str) -> list[str]:
+def _changes(results: dict[str, ClaimResult], previous: dict[int, tuple[str, str, int | None]],
+             since: str) -> list[str]:
     lines = []
     for claim in _ordered():
         r = results.get(claim.name)
         if r is None or claim.number not in previous:
             continue
-        verdict, protocol = previous[claim.number]
-        if (verdict, protocol) == (r.verdict, r.protocol):
+        verdict, protocol, seeds = previous[claim.number]
+        if (verdict, protocol) == (r.verdict, r.protocol) and seeds in (None, r.seeds):
             continue
         how = f"{r.protocol} protocol, {r.seeds} seeds" + (", each seed its own batch order" if r.data_order == "per_seed"
                                                            else "")
         change = f"**{r.verdict}**, was {verdict}" if verdict != r.verdict else f"**{r.verdict}**, unchanged"
-        lines.append(f"- {claim.number}. {claim.title}: {change} ({protocol or 'unknown'} protocol then; now {how}).")
+        then = f"{protocol or 'unknown'} protocol" + (f", {seeds} seeds" if seeds is not None else "")
+        lines.append(f"- {claim.number}. {claim.title}: {change} ({then} then; now {how}).")
     if not lines:
         return []
     return ["", f"**Changes since {since}.** Each result below replaces the earlier one; where the verdict changed, "
